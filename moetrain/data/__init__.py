@@ -1,0 +1,1 @@
+"""moetrain.data"""

@@ -1,0 +1,57 @@
+"""The router: a bias-free linear producing float32 logits, and the routing losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .noise import STREAM_JITTER, RoutingNoise
+
+
+class Router(nn.Module):
+    """``logits = W x`` computed in float32 whatever the model's dtype.
+
+    Softmax over experts is sensitive to rounding (bf16 logits flip argmaxes), so
+    the input and weight are upcast. ``classifier`` matches HF's parameter name.
+    """
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        self.classifier = nn.Linear(d_model, num_experts, bias=False)
+
+    def forward(self, x: Tensor, noise: RoutingNoise | None = None, input_jitter_eps: float = 0.0) -> Tensor:
+        x32 = x.float()
+        if noise is not None and input_jitter_eps > 0:
+            # Multiplicative jitter on the router's copy of the input only (the
+            # experts see the clean x; HF once leaked jitter into the experts).
+            u = noise.uniform(STREAM_JITTER, x32.shape[-1])
+            x32 = x32 * (1.0 - input_jitter_eps + 2.0 * input_jitter_eps * u)
+        return F.linear(x32, self.classifier.weight.float())
+
+
+def balance_loss(probs: Tensor, balance_ids: Tensor, num_experts: int) -> Tensor:
+    """Switch load balancing ``N * sum_i f_i * P_i`` over the given (non-padding) tokens.
+
+    ``f_i``: fraction of tokens whose first choice (before capacity) is i, no
+    gradient; ``P_i``: mean router probability of i. Equals 1 at perfect balance.
+    """
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    fraction = torch.bincount(balance_ids, minlength=num_experts).to(probs.dtype) / probs.shape[0]
+    return num_experts * torch.sum(fraction * probs.mean(dim=0))
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss ``mean_t (logsumexp_i logits_ti)^2`` (keeps logits small)."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def router_entropy(logits: Tensor) -> Tensor:
+    """Mean entropy of the (clean) router softmax, in nats; log(E) is uniform."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    logp = torch.log_softmax(logits.detach(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()

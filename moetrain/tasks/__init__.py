@@ -1,0 +1,1 @@
+"""Tasks: translation, ELECTRA pretraining, GLUE fine-tuning."""
