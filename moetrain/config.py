@@ -1,0 +1,660 @@
+"""Typed run configuration: one dataclass per YAML section, loaded strictly.
+
+A recipe is a YAML file with the sections of :class:`RunConfig`::
+
+    name: wmt14-switch8
+    model: {preset: switch-base-8}
+    moe:   {estimator: sparsemixer, capacity_factor: 1.5}
+    train: {lr: 7e-4, max_steps: 100000}
+
+:func:`load_config` resolves it in this order (later wins):
+
+1. the dataclass defaults below,
+2. the named preset (``model.preset``; a dict of dotted keys, see :data:`PRESETS`),
+3. the keys written in the file,
+4. ``--set section.key=value`` overrides (each value parsed as YAML).
+
+Every key is checked: unknown keys get a "did you mean" suggestion, values are
+coerced to the declared type, and cross-field rules (:func:`validate`) run before
+any work starts, so a typo fails in a second instead of after the model is built.
+Every error is a :class:`ConfigError` whose one-line message names the file and
+the dotted key.
+
+PyYAML reads ``1e-3`` (no dot) as the *string* ``'1e-3'``; the generic loader in
+:mod:`moetrain.utils.dataclass_yaml` coerces it to the declared ``float``.
+
+Constructors elsewhere take their own section (``cfg.moe``) or plain arguments,
+never the whole :class:`RunConfig` (design.md, decision 10).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from moetrain.utils.dataclass_yaml import (
+    ConfigError,
+    Context,
+    build_dataclass,
+    choices,
+    did_you_mean,
+    dump_yaml,
+    field_docs,
+    merge_into,
+    parse_override,
+    read_yaml_mapping,
+    set_dotted,
+    to_plain,
+    write_atomic,
+)
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "MoEConfig",
+    "DataConfig",
+    "TrainConfig",
+    "ParallelConfig",
+    "ExportConfig",
+    "RunConfig",
+    "PRESETS",
+    "TASKS",
+    "load_config",
+    "validate",
+    "config_to_dict",
+    "config_to_yaml",
+    "save_config",
+    "known_estimators",
+    "field_docs",
+]
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Switch Transformer dimensions, in T5 layout (the export target is HF's class)."""
+
+    preset: str | None = None
+    """Named size from :data:`PRESETS` (e.g. ``switch-base-8``). Its values are applied
+    before the file's keys, so anything written explicitly wins."""
+
+    arch: str = choices("encoder_decoder", "encoder_decoder", "encoder")
+    """``encoder_decoder`` for translation (SwitchTransformersForConditionalGeneration);
+    ``encoder`` for classification/ELECTRA (SwitchTransformersEncoderModel)."""
+
+    vocab_size: int = 32128
+    """Rows of the embedding and output matrices. Must cover the tokenizer's vocabulary
+    (T5 pads 32000 SentencePiece pieces + 100 sentinels to 32128)."""
+
+    d_model: int = 512
+    """Width of the residual stream."""
+
+    d_kv: int = 64
+    """Width of one attention head. As in T5 it is independent of d_model: the attention
+    inner width is num_heads * d_kv."""
+
+    d_ff: int = 2048
+    """Hidden width of the dense FFN and of each expert."""
+
+    num_layers: int = 6
+    """Encoder blocks."""
+
+    num_decoder_layers: int = 6
+    """Decoder blocks (ignored when arch is ``encoder``)."""
+
+    num_heads: int = 8
+    """Attention heads per layer."""
+
+    relative_attention_num_buckets: int = 32
+    """T5 relative-position buckets; the bias table lives in the first block of each stack."""
+
+    relative_attention_max_distance: int = 128
+    """Distances beyond this share the last (logarithmic) bucket."""
+
+    dropout_rate: float = 0.1
+    """Dropout on attention probabilities, FFN hidden units and residual branches."""
+
+    layer_norm_epsilon: float = 1e-6
+    """Epsilon of the T5 RMS layer norm."""
+
+    tie_word_embeddings: bool = True
+    """Share input embedding and output projection (T5 v1.0 / Switch do; the output is then
+    scaled by d_model**-0.5 before the projection)."""
+
+    pad_token_id: int = 0
+    """Padding id; excluded from the loss and from routing statistics."""
+
+    eos_token_id: int = 1
+    """End-of-sequence id appended to every source and target."""
+
+    decoder_start_token_id: int = 0
+    """First decoder input (T5 convention: the pad id)."""
+
+
+@dataclass
+class MoEConfig:
+    """Sparse FFN layers: router, gradient estimator, capacity and auxiliary losses."""
+
+    num_experts: int = 8
+    """Experts per sparse layer (global count, summed over expert-parallel ranks)."""
+
+    top_k: int = 1
+    """Experts each token is sent to in the forward pass."""
+
+    estimator: str = "switch"
+    """Router gradient estimator, a key of ``moetrain.moe.estimators.ESTIMATORS``
+    (switch, topk, sparsemixer, sparsemixer_v2, st, stgs, reinmax). See docs/estimators."""
+
+    capacity_factor: float | None = 1.25
+    """Training capacity per expert = ceil(tokens / num_experts * factor); overflowing tokens
+    skip the FFN (residual only). ``null`` = dropless (no token is ever dropped)."""
+
+    eval_capacity_factor: float | None = None
+    """Same at evaluation and decoding. ``null`` = dropless, so scores do not depend on
+    batch composition."""
+
+    min_capacity: int = 4
+    """Floor on the per-expert capacity, so tiny batches do not drop everything."""
+
+    jitter_eps: float = 0.1
+    """Multiplicative noise U(1-eps, 1+eps) during training (see jitter_mode). SparseMixer
+    also uses it as the width of its sampling mask."""
+
+    jitter_mode: str = choices("input", "input", "logits", "none")
+    """Where jitter applies: ``input`` (Switch paper / HF: the router input), ``logits``
+    (the SparseMixer code's baseline) or ``none``."""
+
+    temperature: float = 1.0
+    """Softmax temperature of the router (used by STGS/ReinMax; 1 = plain softmax)."""
+
+    balance_coef: float = 0.01
+    """Weight of the load-balancing loss, summed over sparse layers (per-token normalised)."""
+
+    z_coef: float = 0.001
+    """Weight of the router z-loss (mean squared logsumexp of the logits)."""
+
+    sparse_step: int = 2
+    """HF placement: layer i is sparse when i % sparse_step == 1, every layer when it is 1."""
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized and batched."""
+
+    source: str = choices("synthetic", "synthetic", "hub", "files", "tsv", "jsonl")
+    """``synthetic`` (generated, offline), ``hub`` (a datasets-hub name), ``files`` (parallel
+    plain-text files), ``tsv`` (source<TAB>target) or ``jsonl`` (one pair per line)."""
+
+    hub_name: str | None = None
+    """Dataset name when source is ``hub`` (e.g. ``wmt14``)."""
+
+    hub_config: str | None = None
+    """Dataset configuration when source is ``hub`` (e.g. ``de-en``)."""
+
+    train_src: str | None = None
+    """Training source file (for ``tsv``/``jsonl``: the one file holding both sides)."""
+
+    train_tgt: str | None = None
+    """Training target file (``files`` only)."""
+
+    valid_src: str | None = None
+    """Validation source file."""
+
+    valid_tgt: str | None = None
+    """Validation target file."""
+
+    test_src: str | None = None
+    """Test source file."""
+
+    test_tgt: str | None = None
+    """Test target (reference) file."""
+
+    src_lang: str = "en"
+    """Source language code (quote ``"no"`` in YAML: bare it reads as false)."""
+
+    tgt_lang: str = "de"
+    """Target language code."""
+
+    tokenizer: str | None = None
+    """Path of a trained tokenizer; ``null`` = train one on the training data into the run
+    directory."""
+
+    vocab_size: int = 8000
+    """Vocabulary size when a tokenizer is trained. Must be <= model.vocab_size."""
+
+    max_tokens: int = 4096
+    """Token budget of one micro-batch on one rank (padded source + target tokens)."""
+
+    max_length: int = 256
+    """Longer training pairs (in tokens, either side) are skipped."""
+
+    max_length_ratio: float = 2.5
+    """Training pairs whose length ratio exceeds this are skipped (misaligned pairs)."""
+
+    num_workers: int = 1
+    """Data-loader worker processes per rank."""
+
+    cache_dir: str | None = None
+    """Cache for downloaded/tokenized data; ``null`` = the library default."""
+
+    synthetic_num_train: int = 20000
+    """Training pairs generated when source is ``synthetic``."""
+
+    synthetic_num_valid: int = 200
+    """Validation pairs generated when source is ``synthetic``."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging, checkpoints and decoding."""
+
+    seed: int = 1
+    """Seeds initialisation, data order and routing noise (all counter-based)."""
+
+    max_steps: int = 1000
+    """Optimizer steps (one step = grad_accum_steps micro-batches on every rank)."""
+
+    lr: float = 7e-4
+    """Peak learning rate, reached at the end of warmup."""
+
+    warmup_steps: int = 4000
+    """Linear warmup from 0 to lr."""
+
+    schedule: str = choices("inverse_sqrt", "inverse_sqrt", "linear", "constant")
+    """After warmup: ``inverse_sqrt`` (lr * sqrt(warmup / step)), ``linear`` decay to 0 at
+    max_steps, or ``constant``."""
+
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW (beta1, beta2); 0.98 is the usual Transformer choice."""
+
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+
+    label_smoothing: float = 0.1
+    """Label smoothing of the token cross-entropy."""
+
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 = off."""
+
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    precision: str = choices("fp32", "fp32", "bf16", "fp16")
+    """Training precision. bf16 requires parallel.zero_stage 1 or 2 (see validate)."""
+
+    log_every: int = 10
+    """Steps between metric lines (JSONL, TensorBoard, progress bar)."""
+
+    eval_every: int = 500
+    """Steps between validations (loss and BLEU); 0 = only at the end."""
+
+    save_every: int = 1000
+    """Steps between checkpoints; 0 = only at the end."""
+
+    keep_last: int = 3
+    """Checkpoints kept on disk (older ones are deleted); 0 = keep all."""
+
+    beam_size: int = 4
+    """Beam width for evaluation and translation."""
+
+    length_penalty: float = 0.6
+    """Beam length penalty alpha (GNMT form ((5 + len) / 6) ** alpha)."""
+
+    max_decode_length: int = 256
+    """Maximum generated tokens per sentence."""
+
+    init_from_hf: str | None = None
+    """Start from an HF SwitchTransformers checkpoint (directory or hub name)."""
+
+    resume: str | None = None
+    """Checkpoint directory to resume from (same topology), or ``latest`` in the run dir."""
+
+
+@dataclass
+class ParallelConfig:
+    """Expert parallelism and DeepSpeed ZeRO."""
+
+    ep_size: int = 1
+    """Expert-parallel group size; each rank holds num_experts / ep_size experts."""
+
+    zero_stage: int = choices(0, 0, 1, 2)
+    """DeepSpeed ZeRO stage. ZeRO-3 is refused by DeepSpeed for native MoE."""
+
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file whose keys override the generated configuration."""
+
+    backend: str | None = choices(None, None, "nccl", "gloo")
+    """torch.distributed backend; ``null`` = nccl on CUDA, gloo on CPU."""
+
+
+@dataclass
+class ExportConfig:
+    """Export to a stock HF SwitchTransformers directory."""
+
+    out_dir: str | None = None
+    """Destination directory; ``null`` = ``<run dir>/hf``."""
+
+    max_shard_size: str = "2GB"
+    """Largest weight file written (HF syntax: ``500MB``, ``2GB``)."""
+
+    safe_serialization: bool = True
+    """Write safetensors (true) or pickle-based ``.bin`` files (false)."""
+
+
+#: Values of ``task``; each is a module in ``moetrain.tasks``.
+TASKS = ("translation", "glue", "electra")
+
+
+@dataclass
+class RunConfig:
+    """One run: its name, the task, and every section."""
+
+    name: str = ""
+    """Run name used in logs; empty = the recipe file's stem."""
+
+    task: str = choices("translation", *TASKS)
+    """What is trained: ``translation``, ``glue`` or ``electra``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model dimensions."""
+
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """MoE layer settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data source, tokenizer and batching."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and run-loop settings."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distribution settings."""
+
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """HF export settings."""
+
+
+# ---------------------------------------------------------------------------
+# Presets: dotted overrides applied before the file's own keys.
+# ---------------------------------------------------------------------------
+
+# Published Switch-Base sizes (Fedus et al. 2021; HF google/switch-base-N): T5-Base dims.
+_SWITCH_BASE = {
+    "model.vocab_size": 32128,
+    "model.d_model": 768,
+    "model.d_ff": 3072,
+    "model.d_kv": 64,
+    "model.num_heads": 12,
+    "model.num_layers": 12,
+    "model.num_decoder_layers": 12,
+    "moe.sparse_step": 2,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Minutes on a laptop CPU: tests, the demo and smoke runs.
+    "switch-tiny": {
+        "model.d_model": 64,
+        "model.d_ff": 128,
+        "model.d_kv": 16,
+        "model.num_heads": 4,
+        "model.num_layers": 2,
+        "model.num_decoder_layers": 2,
+        "moe.num_experts": 8,
+        "moe.sparse_step": 2,
+    },
+    **{f"switch-base-{n}": {**_SWITCH_BASE, "moe.num_experts": n} for n in (8, 16, 32, 64, 128)},
+    # Transformer-base for WMT'14 En-De (6+6 layers), every other FFN sparse; the number of
+    # experts is left to the recipe.
+    "wmt14-6-6": {
+        "model.d_model": 512,
+        "model.d_ff": 2048,
+        "model.d_kv": 64,
+        "model.num_heads": 8,
+        "model.num_layers": 6,
+        "model.num_decoder_layers": 6,
+        "moe.sparse_step": 2,
+    },
+}
+
+# Used when moetrain.moe.estimators cannot be imported (e.g. while it is being written).
+_FALLBACK_ESTIMATORS = ("switch", "topk", "sparsemixer", "sparsemixer_v2", "st", "stgs", "reinmax")
+
+# Estimators defined for one routing width only: Switch and SparseMixer(-v1) pick one expert;
+# SparseMixer-v2 is the GRIN/PhiMoE top-2 form; ST/STGS/ReinMax are dense in the backward
+# pass but their forward is a one-hot (argmax) choice. ``topk`` takes any k.
+_ESTIMATOR_TOP_K = {
+    "switch": 1,
+    "sparsemixer": 1,
+    "sparsemixer_v2": 2,
+    "st": 1,
+    "stgs": 1,
+    "reinmax": 1,
+}
+
+
+def known_estimators() -> list[str]:
+    """Names accepted by ``moe.estimator``: the registry's keys, or the built-in list.
+
+    NOTE: this imports ``moetrain.moe`` (torch and deepspeed, seconds). Validation calls it
+    only for names outside the built-in list, which a test keeps inside the registry.
+    """
+    try:
+        from moetrain.moe.estimators import ESTIMATORS
+    except ImportError:
+        return list(_FALLBACK_ESTIMATORS)
+    return list(ESTIMATORS)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply preset and ``--set`` overrides, and validate.
+
+    Args:
+        path: the YAML file. An empty file gives the defaults.
+        overrides: ``"section.key=value"`` strings; ``value`` is parsed with
+            ``yaml.safe_load`` (so ``null``, ``[0.9, 0.99]`` and ``true`` work).
+
+    Returns:
+        The fully resolved :class:`RunConfig`.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or impossible combination.
+    """
+    ctx = Context(str(path))
+    raw = read_yaml_mapping(Path(path), ctx)
+    parsed = [parse_override(text, ctx) for text in overrides]
+
+    tree: dict[str, Any] = {}
+    preset = _preset_name(raw, parsed, ctx)
+    if preset is not None:
+        for key, value in PRESETS[preset].items():
+            set_dotted(tree, key, value, ctx)
+            ctx.origins[key] = f"preset '{preset}'"
+    merge_into(tree, raw, ctx)
+    for key, value, text in parsed:
+        set_dotted(tree, key, value, ctx)
+        ctx.origins[key] = f"--set {text}"
+
+    cfg = build_dataclass(RunConfig, tree, ctx)
+    if not cfg.name:
+        cfg.name = Path(path).stem
+    _validate(cfg, ctx)
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str = "<config>") -> None:
+    """Check cross-field rules of an already built config (``load_config`` calls this)."""
+    _validate(cfg, Context(source))
+
+
+def _preset_name(raw: dict, parsed: list[tuple[str, Any, str]], ctx: Context) -> str | None:
+    """The preset named by the last --set model.preset, else by the file."""
+    name, key = None, "model.preset"
+    model = raw.get("model")
+    if isinstance(model, dict):
+        name = model.get("preset")
+    for k, value, text in parsed:
+        if k == key:
+            name = value
+            ctx.origins[key] = f"--set {text}"
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in PRESETS:
+        hint = did_you_mean(str(name), PRESETS)
+        raise ctx.error(key, f"unknown preset '{name}'{hint} Valid presets: {', '.join(PRESETS)}")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Cross-field validation
+# ---------------------------------------------------------------------------
+
+
+def _validate(cfg: RunConfig, ctx: Context) -> None:
+    """Rules that involve values, not only types. Each failure names the key to fix."""
+    _check_model(cfg.model, ctx.require)
+    _check_moe(cfg.moe, cfg.model, ctx.require)
+    _check_data(cfg.data, cfg.model, ctx.require)
+    _check_train(cfg.train, ctx.require)
+    _check_parallel(cfg.parallel, cfg.moe, cfg.train, ctx.require)
+    _check_export(cfg.export, ctx.require)
+
+
+def _check_model(m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
+    for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                "relative_attention_num_buckets", "relative_attention_max_distance"):
+        require(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    if m.arch == "encoder_decoder":
+        require(m.num_decoder_layers >= 1, "model.num_decoder_layers",
+                f"must be >= 1 for arch encoder_decoder, got {m.num_decoder_layers}")
+    require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {m.dropout_rate}")
+    require(m.layer_norm_epsilon > 0, "model.layer_norm_epsilon", "must be > 0")
+    for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = getattr(m, key)
+        require(0 <= value < m.vocab_size, f"model.{key}",
+                f"must be a valid id in [0, model.vocab_size={m.vocab_size}), got {value}")
+
+
+def _check_moe(moe: MoEConfig, m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
+    require(moe.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {moe.num_experts}")
+    require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
+            f"must be between 1 and moe.num_experts={moe.num_experts}, got {moe.top_k}")
+    if moe.estimator not in _FALLBACK_ESTIMATORS:  # fast path skips the torch import
+        names = known_estimators()
+        require(moe.estimator in names, "moe.estimator",
+                f"unknown estimator '{moe.estimator}'{did_you_mean(moe.estimator, names)} "
+                f"Known: {', '.join(names)}")
+    need_k = _ESTIMATOR_TOP_K.get(moe.estimator)
+    require(need_k is None or moe.top_k == need_k, "moe.top_k",
+            f"estimator '{moe.estimator}' is defined for top_k={need_k}, got {moe.top_k}"
+            + (" (use sparsemixer_v2 or topk for two experts)" if need_k == 1 else ""))
+    # topk renormalises over the chosen experts: with k=1 the weight is always 1 and the router
+    # gets no task gradient at all.
+    require(moe.estimator != "topk" or moe.top_k >= 2, "moe.top_k",
+            "estimator 'topk' needs top_k >= 2 (with one expert its weight is constant 1 and the "
+            "router learns nothing from the task; use 'switch' for top-1)")
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(moe, key)
+        require(value is None or value > 0, f"moe.{key}", f"must be > 0 or null (dropless), got {value}")
+    require(moe.min_capacity >= 0, "moe.min_capacity", f"must be >= 0, got {moe.min_capacity}")
+    require(0.0 <= moe.jitter_eps < 1.0, "moe.jitter_eps",
+            f"must be in [0, 1) (noise is U(1-eps, 1+eps)), got {moe.jitter_eps}")
+    require(moe.temperature > 0, "moe.temperature", f"must be > 0, got {moe.temperature}")
+    require(moe.balance_coef >= 0, "moe.balance_coef", f"must be >= 0, got {moe.balance_coef}")
+    require(moe.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {moe.z_coef}")
+    require(moe.sparse_step >= 1, "moe.sparse_step", f"must be >= 1, got {moe.sparse_step}")
+    # With i % sparse_step == 1, a one-layer stack gets no sparse layer unless the step is 1.
+    stacks = [m.num_layers] + ([m.num_decoder_layers] if m.arch == "encoder_decoder" else [])
+    require(moe.sparse_step == 1 or max(stacks) >= 2, "moe.sparse_step",
+            f"no layer would be sparse with {max(stacks)} layer(s) per stack; use sparse_step 1")
+
+
+def _check_data(d: DataConfig, m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
+    if d.source == "hub":
+        require(d.hub_name is not None, "data.hub_name", "is required when data.source is 'hub'")
+    if d.source in ("files", "tsv", "jsonl"):
+        require(d.train_src is not None, "data.train_src", f"is required when data.source is '{d.source}'")
+    if d.source == "files":
+        require(d.train_tgt is not None, "data.train_tgt", "is required when data.source is 'files'")
+    require(d.vocab_size >= 1, "data.vocab_size", f"must be >= 1, got {d.vocab_size}")
+    require(d.vocab_size <= m.vocab_size, "data.vocab_size",
+            f"tokenizer vocabulary ({d.vocab_size}) must fit model.vocab_size ({m.vocab_size})")
+    require(d.max_length >= 1, "data.max_length", f"must be >= 1, got {d.max_length}")
+    require(d.max_tokens >= d.max_length, "data.max_tokens",
+            f"must be >= data.max_length ({d.max_length}) so that one pair fits a batch, got {d.max_tokens}")
+    require(d.max_length_ratio >= 1, "data.max_length_ratio", f"must be >= 1, got {d.max_length_ratio}")
+    require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    for key in ("synthetic_num_train", "synthetic_num_valid"):
+        require(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+
+
+def _check_train(t: TrainConfig, require: Callable[[bool, str, str], None]) -> None:
+    require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    require(all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas", f"must be in [0, 1), got {list(t.adam_betas)}")
+    require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
+    require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    require(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
+    for key in ("grad_accum_steps", "log_every", "beam_size", "max_decode_length"):
+        require(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("eval_every", "save_every", "keep_last"):
+        require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    require(t.length_penalty >= 0, "train.length_penalty", f"must be >= 0, got {t.length_penalty}")
+
+
+def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
+                    require: Callable[[bool, str, str], None]) -> None:
+    require(p.ep_size >= 1, "parallel.ep_size", f"must be >= 1, got {p.ep_size}")
+    require(moe.num_experts % p.ep_size == 0, "parallel.ep_size",
+            f"must divide moe.num_experts={moe.num_experts}, got {p.ep_size}")
+    # Measured with DeepSpeed 0.19.8 (deepspeed-ep notes, P2): without ZeRO the clipping norm
+    # under EP > 1 averages per-rank norms (0.715 instead of 0.754), and bf16 falls back to
+    # FP16_UnfusedOptimizer, which leaves expert gradients out of the norm and drifts.
+    if p.ep_size > 1 or t.precision == "bf16":
+        why = f"parallel.ep_size={p.ep_size}" if p.ep_size > 1 else "train.precision=bf16"
+        require(p.zero_stage in (1, 2), "parallel.zero_stage",
+                f"must be 1 or 2 with {why} (without ZeRO DeepSpeed's gradient norm is wrong), got {p.zero_stage}")
+
+
+def _check_export(e: ExportConfig, require: Callable[[bool, str, str], None]) -> None:
+    require(re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?)?B", e.max_shard_size, re.IGNORECASE) is not None,
+            "export.max_shard_size", f"expected a size like '500MB' or '2GB', got '{e.max_shard_size}'")
+
+
+# ---------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (tuples become lists), ready for YAML or JSON."""
+    return to_plain(cfg)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (what ``save_config`` writes)."""
+    header = "# Resolved moetrain config: every value explicit (preset, file and --set applied).\n"
+    return dump_yaml(to_plain(cfg), header)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the fully resolved config as YAML; ``load_config`` reads it back equal.
+
+    The write is atomic (temporary file, then rename), so a crash never leaves half a file.
+    """
+    return write_atomic(path, config_to_yaml(cfg))

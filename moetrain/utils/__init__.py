@@ -1,0 +1,1 @@
+"""Small helpers shared by the command line and the trainer (no torch imports here)."""
