@@ -1,0 +1,219 @@
+"""Process groups, the generated DeepSpeed configuration and the engine.
+
+Everything DeepSpeed-specific that the training loop needs, in the order it runs::
+
+    init_distributed(backend)                 one process or a launcher; gloo on CPU, nccl on CUDA
+    model = task.build_model(ep_size)         AFTER init: experts are placed by rank
+    engine = build_engine(model, cfg.train, cfg.parallel)
+                                              AdamW over MoE-aware groups + LambdaLR + ZeRO 0/1/2
+
+The DeepSpeed JSON is generated from the ``train`` and ``parallel`` sections; a
+user file (``parallel.deepspeed_config``) may override any key except those the
+training loop owns (batch sizes, accumulation, optimizer, scheduler).
+
+Measured with DeepSpeed 0.19.8 (docs/deepspeed-ep.md): ZeRO-1/2 need an optimizer
+group marked ``moe: True`` for the expert parameters, and the gradient norm is only
+right under expert parallelism with ZeRO-1/2 (config validation enforces it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetrain.config import ParallelConfig, TrainConfig
+
+from .schedule import build_scheduler
+
+__all__ = ["DistInfo", "init_distributed", "deepspeed_config", "param_groups", "build_engine", "barrier",
+           "OWNED_KEYS"]
+
+#: DeepSpeed keys the training loop sets itself; a user JSON may not override them.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "optimizer", "scheduler")
+#: DeepSpeed settings mirrored from the moetrain config: a user JSON may repeat them, not change them
+#: (validation, checkpoints and logs read the moetrain config).
+MIRRORED = {("zero_optimization", "stage"): "parallel.zero_stage", ("bf16", "enabled"): "train.precision",
+            ("fp16", "enabled"): "train.precision", ("gradient_clipping",): "train.grad_clip"}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits. Data parallelism spans every rank (EP only shards experts)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent).
+
+    Works under any launcher that sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` (deepspeed,
+    torchrun, accelerate) and as a plain single process, for which the variables are
+    filled in here (DeepSpeed would otherwise look for MPI).
+
+    Args:
+        backend: ``nccl``/``gloo``; None lets DeepSpeed pick (nccl on CUDA, gloo on CPU).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        # Before any collective: NCCL binds the communicator to the current device.
+        accelerator.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(accelerator.device_name())
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, with ``parallel.deepspeed_config`` merged on top.
+
+    Raises:
+        ValueError: fp16 without a GPU or without ZeRO, or a user file that sets a key
+            the loop owns (:data:`OWNED_KEYS`).
+    """
+    if train.precision == "fp16" and not on_gpu:
+        raise ValueError("train.precision=fp16 needs a GPU (loss scaling); use bf16 or fp32 on CPU")
+    if train.precision == "fp16" and parallel.zero_stage == 0:
+        raise ValueError("train.precision=fp16 needs parallel.zero_stage 1 or 2 (the portable checkpoint "
+                         "reads fp32 master weights from the ZeRO optimizer)")
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage == 2:
+        # DeepSpeed asserts both for MoE under ZeRO-2 (stage_1_and_2._configure_moe_settings).
+        zero.update(contiguous_gradients=True, reduce_scatter=True)
+    config: dict[str, Any] = {
+        # Batches are token-budget dicts that DeepSpeed never sees; 1 is a placeholder that
+        # only feeds DeepSpeed's own samples/s timer (disabled below).
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as a client optimizer
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 2**31 - 1,  # our own metrics report progress
+        "wall_clock_breakdown": False,
+    }
+    _check_accelerate_env(train, parallel)
+    user_file = parallel.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if user_file:
+        user = json.loads(Path(user_file).read_text())
+        clash = sorted(set(user) & set(OWNED_KEYS))
+        if clash:
+            raise ValueError(f"{user_file}: keys {clash} are set by moetrain "
+                             "(use train.grad_accum_steps, train.lr, train.schedule instead)")
+        for path, key in MIRRORED.items():
+            if _lookup(user, path) not in (None, _lookup(config, path)):
+                raise ValueError(f"{user_file}: {'.'.join(path)}={_lookup(user, path)!r} disagrees with the "
+                                 f"moetrain config ({'.'.join(path)}={_lookup(config, path)!r}); set {key} instead")
+        _merge(config, user)
+    return config
+
+
+def _lookup(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _check_accelerate_env(train: TrainConfig, parallel: ParallelConfig) -> None:
+    """Under ``accelerate launch``, its DeepSpeed plugin settings must agree with the config.
+
+    accelerate only starts the processes here; the moetrain config drives the engine. A
+    plugin value that says otherwise is an error rather than silently ignored.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    checks = [("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(parallel.zero_stage), "parallel.zero_stage"),
+              ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", str(train.grad_accum_steps), "train.grad_accum_steps")]
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[train.precision]
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        checks.append(("ACCELERATE_MIXED_PRECISION", mixed, "train.precision"))
+    for var, want, key in checks:
+        have = os.environ.get(var)
+        if have not in (None, "", want):
+            raise ValueError(f"accelerate config sets {var}={have} but the moetrain config has {key} "
+                             f"(= {want}); make them agree (moetrain's config drives DeepSpeed)")
+
+
+def _merge(base: dict, extra: dict) -> None:
+    """Recursive dict update: nested sections merge, everything else replaces."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with expert parameters split out (``moe: True``) for DeepSpeed.
+
+    With weight decay, vectors (norm scales, biases) are not decayed. Each input group needs
+    a ``name``: ``split_params_into_different_moe_groups_for_optimizer`` keys on it.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay > 0:
+        groups = [{"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    else:
+        groups = [{"name": "dense", "params": params, "weight_decay": 0.0}]
+    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    return [g for g in groups if g["params"]]  # ZeRO cannot flatten an empty group
+
+
+def build_engine(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, info: DistInfo):
+    """``deepspeed.initialize`` with AdamW, the LR schedule and the generated config.
+
+    Returns:
+        The DeepSpeed engine (``engine.module`` is ``model``; ``engine.optimizer`` wraps AdamW).
+    """
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
+                                  betas=tuple(train.adam_betas), eps=train.adam_eps)
+    scheduler = build_scheduler(optimizer, train.schedule, train.warmup_steps, train.max_steps)
+    config = deepspeed_config(train, parallel, on_gpu=info.device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config)
+    return engine

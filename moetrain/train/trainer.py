@@ -1,0 +1,243 @@
+"""The training loop: DeepSpeed engine, gradient accumulation, logging, evaluation, checkpoints.
+
+    from moetrain.train.trainer import train
+    state = train(cfg, out_dir)          # cfg: RunConfig; any launcher, or one plain process
+
+Setup (:func:`setup`) runs in this order, because expert placement depends on the rank:
+process group -> task -> model (``task.build_model(ep_size)``) -> engine -> resume.
+The loop (:func:`train`) then repeats ``grad_accum_steps`` micro-batches per optimizer step.
+
+Two rules keep multi-rank runs from hanging or drifting:
+
+* every rank runs the same number of MoE forwards: a rank whose batches ran out replays its
+  last batch with loss weight 0 until every rank is out (the all-to-all needs all ranks);
+* routing noise is keyed by the micro-batch counter (``set_routing_step``), never by RNG
+  state, so a resumed run and a run at another EP size route exactly alike.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from moetrain.config import RunConfig
+from moetrain.moe import moe_layers, set_routing_step
+from moetrain.tasks import Task, build_task
+
+from .checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from .distributed import DistInfo, build_engine, init_distributed
+from .metrics import MetricsLogger, WindowStats, flops_per_token, peak_flops
+
+__all__ = ["train", "main_train", "setup", "Run"]
+
+
+@dataclass
+class Run:
+    """Everything :func:`setup` builds for the loop."""
+
+    cfg: RunConfig
+    out_dir: Path
+    info: DistInfo
+    task: Task
+    engine: Any  # deepspeed.DeepSpeedEngine
+    state: TrainerState
+    logger: MetricsLogger
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def main_train(cfg: RunConfig, out_dir: Path, args=None) -> int:
+    """``moetrain train`` (see moetrain.cli)."""
+    train(cfg, out_dir)
+    return 0
+
+
+def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save: bool = True) -> TrainerState:
+    """Train until ``train.max_steps`` (or until every rank's data runs out).
+
+    Args:
+        cfg: the run config (``train`` and ``parallel`` drive the engine).
+        out_dir: run directory: metrics.jsonl, tensorboard/, checkpoints/.
+        task: a task object; default ``build_task(cfg, out_dir)``.
+        save: write checkpoints (False for benchmarks).
+
+    Returns:
+        The final :class:`TrainerState` (step, data position, best metric).
+    """
+    run = setup(cfg, Path(out_dir), task)
+    t, engine, state = cfg.train, run.engine, run.state
+    batches = MicroBatches(run.task, run.info, state.data_position, engine.device)
+    window, flops = WindowStats(), flops_per_token(engine.module)
+    lr, grad_norm = engine.get_lr()[0], None
+    engine.train()
+    while state.step < t.max_steps and not batches.exhausted:
+        logging = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+        for _ in range(t.grad_accum_steps):
+            batch, weight = batches.next()
+            if batch is None:
+                break  # no rank has data left
+            set_routing_step(engine.module, state.data_position)
+            out = run.task.loss(engine, batch)
+            engine.backward(out.loss if weight else out.loss * 0.0)
+            lr = engine.get_lr()[0]
+            grad_norm = _stage0_grad_norm(engine) if logging else None
+            engine.step()
+            state.data_position += 1
+            if weight:
+                window.add(out, _num_samples(batch))
+        else:
+            state.step += 1
+            run.logger.advance(state.step)
+        last = state.step >= t.max_steps or batches.exhausted
+        if logging or last:
+            _log(run, window, lr, grad_norm, flops)
+        paused = time.perf_counter()
+        is_best = _maybe_evaluate(run, last)
+        if save and ((t.save_every and state.step % t.save_every == 0) or last):
+            save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
+                            is_best=is_best, tokenizer_dir=getattr(run.task, "tokenizer_dir", None))
+        window.start += time.perf_counter() - paused  # throughput excludes eval and saves
+    run.logger.close()
+    return state
+
+
+def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
+    """Process group, task, model, engine, resume; prints where the outputs go."""
+    info = init_distributed(cfg.parallel.backend)
+    _seed(cfg.train.seed)  # same on every rank: identical dense initialisation
+    task = task if task is not None else build_task(cfg, out_dir)
+    model = task.build_model(ep_size=cfg.parallel.ep_size)
+    engine = build_engine(model, cfg.train, cfg.parallel, info)
+    state = TrainerState(metric=getattr(task, "best_metric", "loss"),
+                         higher_is_better=bool(getattr(task, "higher_is_better", False)))
+    ckpt, exact = resolve_resume(cfg.train.resume, out_dir / "checkpoints"), False
+    if ckpt is not None:
+        state, exact = load_checkpoint(engine, ckpt, cfg, info)  # exact: each rank's RNG restored
+    if not exact:
+        _seed(cfg.train.seed * 1_000_003 + 7919 * info.rank + state.step)  # dropout differs per rank
+    layers = set(moe_layers(model))
+    names = [name for name, m in model.named_modules() if m in layers]
+    logger = MetricsLogger(out_dir, info.is_main, cfg.train.max_steps, state.step, names)
+    logger.message(f"moetrain: {info.world_size} rank(s), ep_size={cfg.parallel.ep_size}, "
+                   f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.precision}, device {info.device}"
+                   + (f"; resumed at step {state.step} from {ckpt}" if ckpt else ""))
+    logger.message(f"moetrain: metrics {out_dir / 'metrics.jsonl'}; tensorboard --logdir "
+                   f"{out_dir / 'tensorboard'}; checkpoints {out_dir / 'checkpoints'}")
+    return Run(cfg, out_dir, info, task, engine, state, logger)
+
+
+class MicroBatches:
+    """This rank's micro-batches, kept in step with the other ranks.
+
+    ``next()`` returns ``(batch, 1)`` normally, ``(last batch, 0)`` when only this rank ran
+    out (replayed with loss weight 0 so the MoE collectives stay paired) and ``(None, 0)``
+    once every rank is out. One tiny all-reduce per micro-batch decides which.
+    """
+
+    def __init__(self, task: Task, info: DistInfo, start: int, device: torch.device):
+        self.iterator: Iterator = iter(task.train_batches(info.rank, info.world_size, start))
+        self.info, self.device = info, device
+        self.last = None
+        self.exhausted = False
+
+    def next(self) -> tuple[dict | None, int]:
+        batch = next(self.iterator, None)
+        flag = torch.tensor([0 if batch is None else 1], device=self.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag):
+            self.exhausted = True
+            return None, 0
+        if batch is None:
+            if self.last is None:
+                raise RuntimeError(f"rank {self.info.rank} got no training batch while other ranks did; "
+                                   "task.train_batches must yield at least one batch on every rank")
+            return self.last, 0
+        self.last = _to_device(batch, self.device)
+        return self.last, 1
+
+
+def _log(run: Run, window: WindowStats, lr: float, grad_norm: float | None, flops: float) -> None:
+    """Reduce the window over ranks (collective) and write one train record on rank 0."""
+    engine, info = run.engine, run.info
+    seconds = max(time.perf_counter() - window.start, 1e-9)
+    if grad_norm is None:
+        norm = engine.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+    merged = window.reduce(info.rank, info.world_size)
+    window.reset()
+    if merged is None:
+        return
+    tps = merged["tokens"] / seconds
+    peak = peak_flops(info.device, run.cfg.train.precision)
+    run.logger.log_train(run.state.step, {
+        **merged["means"], "lr": lr, "tokens_per_second": tps, "samples_per_second": merged["samples"] / seconds,
+        "grad_norm": grad_norm, "mfu": flops * tps / (peak * info.world_size) if peak else None,
+        "tokens": merged["tokens"], "seconds": seconds, "data_position": run.state.data_position,
+        "moe": merged["moe"]})
+
+
+def _maybe_evaluate(run: Run, last: bool) -> bool:
+    """Evaluate when due; True when this step set a new best (its checkpoint becomes ``best``)."""
+    every, state = run.cfg.train.eval_every, run.state
+    if not (last or (every and state.step % every == 0)):
+        return False
+    run.engine.eval()
+    with torch.no_grad():
+        metrics = run.task.evaluate(run.engine.module, run.info.rank, run.info.world_size)
+    run.engine.train()
+    run.logger.log_eval(state.step, metrics)
+    value = metrics.get(state.metric)
+    if value is None or not math.isfinite(float(value)) or not state.improves(float(value)):
+        return False
+    state.best_metric, state.best_step = float(value), state.step
+    return True
+
+
+def _stage0_grad_norm(engine) -> float | None:
+    """Global gradient norm at an accumulation boundary without ZeRO (DeepSpeed reports none).
+
+    Without ZeRO, expert parallelism is refused by config validation, so every gradient is
+    all-reduced and the local norm is the global one.
+    """
+    if engine.zero_optimization() or not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _num_samples(batch: Any) -> int:
+    """Sequences in a batch: the leading size of ``input_ids`` (else of the first tensor)."""
+    if isinstance(batch, dict):
+        first = batch.get("input_ids")
+        if first is None:
+            first = next((v for v in batch.values() if torch.is_tensor(v)), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 0
+    return 0

@@ -1,0 +1,238 @@
+"""Multi-rank trainer tests on CPU/gloo, through DeepSpeed's real launcher.
+
+Scenarios are grouped into three launches (each pays ~20 s of imports once), run by
+``tests/dist_scripts/run_scenarios.py`` on the toy task of ``tests/dist_scripts/toy_task.py``:
+
+* ``two_ranks``   (2 ranks): EP=2 parity runs (switch / sparsemixer x ZeRO-1 / ZeRO-2, GAS 2),
+  the negative control (experts not marked for DeepSpeed), uneven batches, a clean 8-step run
+  whose step-4 checkpoint feeds the portable tests, and last a run killed by SIGKILL while
+  saving step 8;
+* ``resumed``     (2 ranks): exact resume of the killed run; portable resume at EP=1;
+* ``single_rank`` (1 rank): the references, portable resume at world size 1, mismatch refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.dist
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "dist_scripts" / "run_scenarios.py"
+PARITY = [("switch", 1), ("switch", 2), ("sparsemixer", 1), ("sparsemixer", 2)]
+CLEAN = {"train.max_steps": 8, "train.save_every": 4, "train.keep_last": 2, "train.eval_every": 4,
+         "train.grad_clip": 0.5, "train.weight_decay": 0.01, "moe.estimator": "sparsemixer"}
+
+
+def launch(spec: list[dict], tmp: Path, ranks: int, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run the scenarios under the deepspeed launcher (ranks > 1) or as one plain process."""
+    spec_file = tmp / f"spec-{time.monotonic_ns()}.json"
+    spec_file.write_text(json.dumps(spec))
+    if ranks == 1:
+        cmd = [sys.executable, str(SCRIPT), str(spec_file)]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", port, str(SCRIPT), str(spec_file)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["timeout", "-s", "KILL", str(timeout), *cmd], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    (tmp / f"log-{spec_file.stem}.txt").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def result(out_dir: Path, proc: subprocess.CompletedProcess) -> dict:
+    path = out_dir / "result.json"
+    assert path.exists(), f"scenario {out_dir.name} did not finish:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return json.loads(path.read_text())
+
+
+def train_records(out_dir: Path) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == "train"]
+
+
+def portable(out_dir: Path, step: int) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    ckpt = out_dir / "checkpoints" / f"step_{step:08d}" / "portable"
+    return load_file(str(ckpt / "model.safetensors")), torch.load(ckpt / "optimizer.pt")["moments"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp):
+    spec = [{"name": f"ep2_{est}_z{z}", "out_dir": str(tmp / f"ep2_{est}_z{z}"),
+             "set": {"moe.estimator": est, "parallel.zero_stage": z}} for est, z in PARITY]
+    spec += [
+        {"name": "switch_model_ep2", "out_dir": str(tmp / "switch_model_ep2"), "task": "seq2seq",
+         "set": {"moe.estimator": "sparsemixer", "parallel.zero_stage": 2}},
+        {"name": "bf16_ep2", "out_dir": str(tmp / "bf16_ep2"), "set": {"train.precision": "bf16"}},
+        {"name": "negative_unmarked", "out_dir": str(tmp / "negative"), "validate": False,
+         "set": {"parallel.zero_stage": 0}, "toy": {"unmark_experts": True}},
+        {"name": "uneven", "out_dir": str(tmp / "uneven"), "toy": {"uneven": True},
+         "set": {"train.max_steps": 5, "moe.capacity_factor": 1.0, "train.eval_every": 2}},
+        {"name": "clean", "out_dir": str(tmp / "clean"), "set": CLEAN},
+        {"name": "killed", "out_dir": str(tmp / "killed"), "kill_in_save_at": 8,
+         "set": {**CLEAN, "model.dropout_rate": 0.1}},  # dropout: resume must restore each rank's RNG
+    ]
+    return launch(spec, tmp, ranks=2)
+
+
+@pytest.fixture(scope="module")
+def single_rank(tmp, two_ranks):
+    src = tmp / "clean" / "checkpoints" / "step_00000004"
+    spec = [{"name": f"ref_{est}", "out_dir": str(tmp / f"ref_{est}"),
+             "set": {"moe.estimator": est, "parallel.ep_size": 1}} for est in ("switch", "sparsemixer")]
+    spec += [
+        {"name": "switch_model_ref", "out_dir": str(tmp / "switch_model_ref"), "task": "seq2seq",
+         "set": {"moe.estimator": "sparsemixer", "parallel.ep_size": 1}},
+        {"name": "portable_w1", "out_dir": str(tmp / "portable_w1"),
+         "set": {**CLEAN, "parallel.ep_size": 1, "parallel.zero_stage": 0, "train.resume": str(src)}},
+        {"name": "mismatch_experts", "out_dir": str(tmp / "mismatch_experts"), "expect_error": True,
+         "set": {**CLEAN, "parallel.ep_size": 1, "moe.num_experts": 8, "train.resume": str(src)}},
+        {"name": "mismatch_vocab", "out_dir": str(tmp / "mismatch_vocab"), "expect_error": True,
+         "set": {**CLEAN, "parallel.ep_size": 1, "model.vocab_size": 80, "data.vocab_size": 80,
+                 "train.resume": str(src)}},
+    ]
+    snapshot = {p: p.stat().st_mtime_ns for p in src.rglob("*")}
+    return launch(spec, tmp, ranks=1), snapshot
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp, two_ranks):
+    killed = tmp / "killed" / "checkpoints"
+    state_after_kill = {"latest": (killed / "latest").read_text(), "tmp": sorted(p.name for p in killed.glob(".tmp-*")),
+                        "records": train_records(tmp / "killed")}
+    spec = [
+        {"name": "portable_ep1_w2", "out_dir": str(tmp / "portable_ep1_w2"),
+         "set": {**CLEAN, "parallel.ep_size": 1, "train.resume": str(tmp / "clean" / "checkpoints" / "step_00000004")}},
+        {"name": "resume_exact", "out_dir": str(tmp / "killed"),
+         "set": {**CLEAN, "model.dropout_rate": 0.1, "train.resume": "latest"}},
+    ]
+    return launch(spec, tmp, ranks=2), state_after_kill
+
+
+@pytest.mark.parametrize("estimator,zero", PARITY)
+def test_ep2_on_two_ranks_matches_one_rank(tmp, two_ranks, single_rank, estimator, zero):
+    ep2, ref = tmp / f"ep2_{estimator}_z{zero}", tmp / f"ref_{estimator}"
+    assert result(ep2, two_ranks)["ok"] and result(ref, single_rank[0])["ok"]
+    losses = [r["loss"] for r in train_records(ep2)]
+    ref_losses = [r["loss"] for r in train_records(ref)]
+    assert len(losses) == 4 and losses == pytest.approx(ref_losses, abs=1e-5)
+    assert ref_losses[-1] < ref_losses[0]  # it trains
+    (w, m), (rw, rm) = portable(ep2, 4), portable(ref, 4)
+    assert max_diff(w, rw) < 1e-5
+    assert max(max_diff(m[k], rm[k]) for k in rm) < 1e-5  # Adam moments too, per global expert
+    assert any(".deepspeed_experts.3." in k for k in w)  # global ids: rank 1's experts are 2 and 3
+
+
+def test_real_switch_model_ep2_matches_one_rank(tmp, two_ranks, single_rank):
+    """The encoder-decoder from moetrain.models, EP=2 ZeRO-2 vs one rank."""
+    ep2, ref = tmp / "switch_model_ep2", tmp / "switch_model_ref"
+    assert result(ep2, two_ranks)["ok"] and result(ref, single_rank[0])["ok"]
+    losses, ref_losses = ([r["loss"] for r in train_records(d)] for d in (ep2, ref))
+    assert losses == pytest.approx(ref_losses, abs=1e-5) and ref_losses[-1] < ref_losses[0]
+    assert max_diff(portable(ep2, 4)[0], portable(ref, 4)[0]) < 1e-5
+
+
+def test_bf16_ep2_runs_close_to_fp32(tmp, two_ranks, single_rank):
+    assert result(tmp / "bf16_ep2", two_ranks)["ok"]
+    bf16 = [r["loss"] for r in train_records(tmp / "bf16_ep2")]
+    fp32 = [r["loss"] for r in train_records(tmp / "ref_switch")]
+    assert bf16 == pytest.approx(fp32, abs=5e-2)
+    weights, _ = portable(tmp / "bf16_ep2", 4)  # fp32 master weights, not the bf16 copies
+    assert all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_negative_control_unmarked_experts_differ(tmp, two_ranks, single_rank):
+    """Without DeepSpeed's expert flags the expert gradients are averaged across ranks: wrong."""
+    assert result(tmp / "negative", two_ranks)["ok"]
+    (w, _), (rw, _) = portable(tmp / "negative", 4), portable(tmp / "ref_switch", 4)
+    assert max_diff(w, rw) > 1e-3
+
+
+def test_uneven_batches_finish(tmp, two_ranks):
+    assert result(tmp / "uneven", two_ranks)["ok"]
+    records = train_records(tmp / "uneven")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    # rank 1 ran dry after 3 micro-batches: later steps count rank 0's tokens only.
+    assert records[0]["tokens"] > records[-1]["tokens"] > 0
+
+
+def test_metrics_records(tmp, two_ranks):
+    lines = [json.loads(x) for x in (tmp / "clean" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("loss", "lr", "tokens_per_second", "samples_per_second", "grad_norm"):
+        assert all(isinstance(r[key], float) for r in train), key
+    layer = train[0]["moe"][0]
+    assert layer["layer"] == "layers.0" and len(layer["load"]) == 4 and abs(sum(layer["load"]) - 1) < 1e-9
+    assert {"dropped_fraction", "router_entropy", "balance_loss", "z_loss"} <= layer.keys()
+    assert [r["step"] for r in lines if r["type"] == "eval"] == [4, 8]
+    assert list((tmp / "clean" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp, resumed):
+    _, after_kill = resumed
+    assert after_kill["latest"] == "step_00000004"  # step 8 never became `latest`
+    assert after_kill["tmp"] == [".tmp-step_00000008"]  # half-written save left aside
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp, resumed):
+    proc, after_kill = resumed
+    assert result(tmp / "killed", proc)["ok"]
+    original = [r["loss"] for r in after_kill["records"]]
+    records = train_records(tmp / "killed")
+    assert len(original) == 8 and [r["step"] for r in records[8:]] == [5, 6, 7, 8]
+    assert [r["loss"] for r in records[8:]] == original[4:]  # exact float equality
+    ckpts = tmp / "killed" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000008" and not list(ckpts.glob(".tmp-*"))
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000008"]
+
+
+def test_portable_resume_at_ep1_two_ranks(tmp, resumed):
+    proc, _ = resumed
+    assert result(tmp / "portable_ep1_w2", proc)["ok"]
+    want = [r["loss"] for r in train_records(tmp / "clean")][4:]
+    got = [r["loss"] for r in train_records(tmp / "portable_ep1_w2")]
+    assert got == pytest.approx(want, abs=1e-6)
+    assert max_diff(portable(tmp / "portable_ep1_w2", 8)[0], portable(tmp / "clean", 8)[0]) < 1e-6
+
+
+def test_portable_resume_at_world_size_one(tmp, single_rank):
+    proc, _ = single_rank
+    assert result(tmp / "portable_w1", proc)["ok"]
+    want = [r["loss"] for r in train_records(tmp / "clean")][4:]
+    assert [r["loss"] for r in train_records(tmp / "portable_w1")] == pytest.approx(want, abs=1e-6)
+    assert max_diff(portable(tmp / "portable_w1", 8)[0], portable(tmp / "clean", 8)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("name,key", [("mismatch_experts", "moe.num_experts"), ("mismatch_vocab", "model.vocab_size")])
+def test_mismatched_checkpoint_is_refused(tmp, single_rank, name, key):
+    proc, snapshot = single_rank
+    res = result(tmp / name, proc)
+    assert not res["ok"] and "CheckpointMismatch" in res["error"] and key in res["error"]
+    assert "nothing was loaded or overwritten" in res["error"]
+    assert not (tmp / name / "checkpoints").exists()
+    assert {p: p.stat().st_mtime_ns for p in snapshot} == snapshot  # source untouched
