@@ -1,0 +1,434 @@
+"""Portable checkpoints, export to stock Hugging Face SwitchTransformers, and import from it.
+
+Three directory formats meet here:
+
+* **portable** (written by the trainer, read by export): ``config.yaml`` (the resolved
+  RunConfig), ``model.safetensors`` (fp32 state dict of the ``ep_size=1`` model, experts under
+  their global ids) and ``tokenizer/`` (a ``PreTrainedTokenizerFast`` directory).
+* **HF** (written by :func:`export_to_hf`): ``config.json``, ``model.safetensors`` (sharded
+  above ``max_shard_size``), ``generation_config.json``, tokenizer files and
+  ``moetrain_export.json`` (provenance, parity notes). It loads with
+  ``SwitchTransformersForConditionalGeneration.from_pretrained`` (or
+  ``SwitchTransformersEncoderModel`` for encoder-only models, whose task heads go to
+  ``moetrain_heads.safetensors``) without missing or unexpected weights.
+* **HF in**: :func:`import_from_hf` reads a local HF SwitchTransformers directory into a
+  moetrain state dict, for ``train.init_from_hf`` with any estimator.
+
+Every directory is written into a temporary sibling and renamed into place at the end, so a
+failure never leaves a half-written output. Names and shapes: :mod:`moetrain.hf_convert`.
+
+    moetrain export runs/wmt-switch8 --out hf/wmt-switch8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from moetrain import __version__
+from moetrain.hf_convert import (
+    EXPORT_EXPERT_CAPACITY,
+    ConversionError,
+    check_exportable,
+    from_hf,
+    hf_config_dict,
+    model_overrides_from_hf,
+    name_map,
+    to_hf,
+)
+
+__all__ = ["ExportError", "save_portable", "load_portable", "resolve_portable", "export_to_hf", "import_from_hf",
+           "load_hf_state_dict", "verify_export", "add_export_arguments", "main_export"]
+
+PORTABLE_CONFIG, PORTABLE_WEIGHTS, PORTABLE_TOKENIZER = "config.yaml", "model.safetensors", "tokenizer"
+HEADS_FILE, PROVENANCE_FILE = "moetrain_heads.safetensors", "moetrain_export.json"
+
+
+class ExportError(ValueError):
+    """Bad input to export/import; the message names the file or setting that is wrong."""
+
+
+# ---------------------------------------------------------------------------
+# Atomic directory writes
+# ---------------------------------------------------------------------------
+
+
+def _looks_replaceable(path: Path) -> bool:
+    """Only an empty directory or an earlier export/portable checkpoint may be replaced."""
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return not names or "config.json" in names or {PORTABLE_CONFIG, PORTABLE_WEIGHTS} <= names
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: str | os.PathLike):
+    """Yield a temporary directory that replaces ``out_dir`` when the block succeeds."""
+    out = Path(out_dir)
+    if not _looks_replaceable(out):
+        raise ExportError(f"{out} exists and is not an earlier export; choose another output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a mkdir
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cpu_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached contiguous CPU tensors; aliases are copied (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for key, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[key] = t
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Portable checkpoints
+# ---------------------------------------------------------------------------
+
+
+def save_portable(model_state_dict: dict[str, Tensor], cfg, tokenizer_dir: str | os.PathLike | None,
+                  out_dir: str | os.PathLike) -> Path:
+    """Write a portable checkpoint directory atomically.
+
+    Args:
+        model_state_dict: full state dict of the ``ep_size=1`` model (global expert ids);
+            stored as float32.
+        cfg: the resolved ``RunConfig`` (written as ``config.yaml``).
+        tokenizer_dir: a tokenizer directory copied to ``tokenizer/`` (None: none is copied,
+            and export will refuse the checkpoint).
+        out_dir: the directory to create (replaced if it is an earlier portable checkpoint).
+    """
+    from moetrain.config import config_to_yaml
+
+    weights = {k: v.float() for k, v in _cpu_tensors(model_state_dict).items()}
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise ExportError(f"tokenizer directory {tokenizer_dir} does not exist")
+    with _atomic_dir(out_dir) as tmp:
+        (tmp / PORTABLE_CONFIG).write_text(config_to_yaml(cfg))
+        save_file(weights, str(tmp / PORTABLE_WEIGHTS), metadata={"format": "pt", "moetrain": __version__})
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / PORTABLE_TOKENIZER)
+    return Path(out_dir)
+
+
+def _latest(checkpoints: Path) -> Path | None:
+    """``checkpoints/latest``: a symlink/directory, or a file naming the step directory."""
+    latest = checkpoints / "latest"
+    if latest.is_dir():
+        return latest
+    if latest.is_file():
+        return checkpoints / latest.read_text().strip()
+    return None
+
+
+def resolve_portable(path: str | os.PathLike) -> Path:
+    """Find the portable checkpoint a user means by ``path``.
+
+    Accepts a portable directory, a checkpoint directory holding ``portable/``, a run
+    directory (``checkpoints/latest``) or its ``checkpoints/`` directory.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ExportError(f"checkpoint {root} does not exist")
+    candidates = [root, root / "portable"]
+    for checkpoints in (root / "checkpoints", root):
+        step = _latest(checkpoints)
+        if step is not None:
+            candidates += [step / "portable", step]
+    for c in candidates:
+        if (c / PORTABLE_CONFIG).is_file() and (c / PORTABLE_WEIGHTS).is_file():
+            return c
+    raise ExportError(f"no portable checkpoint at {root}: expected {PORTABLE_CONFIG} + {PORTABLE_WEIGHTS} there, "
+                      "in its portable/ subdirectory, or under checkpoints/latest/portable/ of a run directory")
+
+
+def load_portable(path: str | os.PathLike):
+    """``(state_dict, cfg)`` of a portable checkpoint (``path`` resolved by :func:`resolve_portable`)."""
+    from moetrain.config import load_config
+
+    portable = resolve_portable(path)
+    cfg = load_config(portable / PORTABLE_CONFIG)
+    return load_file(str(portable / PORTABLE_WEIGHTS)), cfg
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+
+
+def _split_prefix(state_dict: dict[str, Tensor], prefix: str | None) -> tuple[dict, dict, str]:
+    """Encoder-only: separate the encoder's keys (under ``prefix``) from task heads."""
+    if prefix is None:
+        prefixes = sorted(k[: -len("embed.weight")] for k in state_dict
+                          if k.endswith("embed.weight") and k[: -len("embed.weight")] + "encoder.final_norm.weight"
+                          in state_dict)
+        if len(prefixes) != 1:
+            raise ExportError(f"cannot tell which encoder to export: found {prefixes or 'none'} "
+                              "(expected one '<prefix>embed.weight' with '<prefix>encoder.*'); pass prefix=")
+        prefix = prefixes[0]
+    body = {k[len(prefix):]: v for k, v in state_dict.items()
+            if k.startswith(prefix) and (k[len(prefix):] == "embed.weight" or k[len(prefix):].startswith("encoder."))}
+    heads = {k: v for k, v in state_dict.items() if not (k.startswith(prefix) and k[len(prefix):] in body)}
+    return body, heads, prefix
+
+
+def _save_tokenizer(tokenizer_dir, out: Path, model_cfg) -> None:
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise ExportError(f"missing tokenizer: {path} is not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001 - any loader failure is the same user error
+        raise ExportError(f"cannot load the tokenizer at {path}: {err}") from err
+    if len(tok) > model_cfg.vocab_size:
+        raise ExportError(f"vocab size mismatch: the tokenizer has {len(tok)} tokens but model.vocab_size is "
+                          f"{model_cfg.vocab_size}")
+    for name in ("pad_token_id", "eos_token_id"):
+        tid = getattr(tok, name)
+        if tid is not None and tid != getattr(model_cfg, name):
+            raise ExportError(f"tokenizer {name}={tid} but model.{name}={getattr(model_cfg, name)}")
+    tok.save_pretrained(str(out))
+
+
+def _save_weights(hf_state: dict[str, Tensor], out: Path, max_shard_size: str | int) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(hf_state, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: hf_state[k] for k in keys}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str | os.PathLike,
+                 tokenizer_dir: str | os.PathLike | None = None, generation: dict | None = None, *,
+                 max_shard_size: str | int = "2GB", prefix: str | None = None, source: str | None = None) -> Path:
+    """Write a stock HF SwitchTransformers directory.
+
+    Args:
+        state_dict: moetrain state dict of the ``ep_size=1`` model (a portable checkpoint's).
+        model_cfg: ``ModelConfig``; ``arch`` picks ForConditionalGeneration or EncoderModel.
+        moe_cfg: ``MoEConfig`` (estimator, experts, placement, loss coefficients).
+        out_dir: destination (created; an earlier export there is replaced).
+        tokenizer_dir: tokenizer directory to include (None: no tokenizer files).
+        generation: ``num_beams``, ``length_penalty``, ``max_length`` (HF: start token
+            included), optional ``early_stopping`` for ``generation_config.json``.
+        max_shard_size: largest safetensors file (``"2GB"``, ``"500MB"`` or bytes).
+        prefix: encoder-only: key prefix of the encoder in ``state_dict`` (default: detected);
+            all other keys go to ``moetrain_heads.safetensors``.
+        source: recorded in ``moetrain_export.json``.
+
+    Raises:
+        ExportError / ConversionError: wrong keys or shapes, routing HF cannot run, bad tokenizer.
+    """
+    from transformers import GenerationConfig, SwitchTransformersConfig
+
+    note = check_exportable(moe_cfg)
+    if note is not None:
+        warnings.warn(f"export of a {moe_cfg.estimator} model is approximate in HF: {note}", stacklevel=2)
+    if moe_cfg.eval_capacity_factor is not None:
+        warnings.warn(f"moe.eval_capacity_factor={moe_cfg.eval_capacity_factor} drops tokens at moetrain's "
+                      f"evaluation; the export is dropless (expert_capacity={EXPORT_EXPERT_CAPACITY})", stacklevel=2)
+    heads, used_prefix = {}, ""
+    if model_cfg.arch == "encoder":
+        state_dict, heads, used_prefix = _split_prefix(state_dict, prefix)
+    hf_state = _cpu_tensors(to_hf(state_dict, model_cfg, moe_cfg))
+    hf_config = SwitchTransformersConfig(**hf_config_dict(model_cfg, moe_cfg))
+    with _atomic_dir(out_dir) as tmp:
+        if tokenizer_dir is not None:
+            _save_tokenizer(tokenizer_dir, tmp, model_cfg)
+        hf_config.save_pretrained(str(tmp))
+        _save_weights(hf_state, tmp, max_shard_size)
+        if model_cfg.arch == "encoder_decoder":
+            gen = dict(generation or {})
+            unknown = set(gen) - {"num_beams", "length_penalty", "max_length", "early_stopping"}
+            if unknown:
+                raise ExportError(f"unknown generation settings {sorted(unknown)}")
+            if gen.get("num_beams", 1) > 1:  # HF rejects early_stopping without beams
+                gen.setdefault("early_stopping", True)
+            GenerationConfig(decoder_start_token_id=model_cfg.decoder_start_token_id,
+                             pad_token_id=model_cfg.pad_token_id, eos_token_id=model_cfg.eos_token_id,
+                             **gen).save_pretrained(str(tmp))
+        if heads:
+            save_file(_cpu_tensors(heads), str(tmp / HEADS_FILE), metadata={"format": "pt"})
+        provenance = {
+            "moetrain_version": __version__, "source": source, "arch": model_cfg.arch,
+            "estimator": moe_cfg.estimator, "inference_parity": "exact" if note is None else "approximate",
+            "parity_note": note, "omega_folded_into_wo": moe_cfg.estimator == "sparsemixer",
+            "expert_capacity": EXPORT_EXPERT_CAPACITY,
+            "heads_file": HEADS_FILE if heads else None, "encoder_prefix": used_prefix or None,
+        }
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------
+
+
+def load_hf_state_dict(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of an HF directory (safetensors or ``.bin``, single file or sharded)."""
+    root = Path(hf_dir)
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        if (root / index_name).is_file():
+            files = sorted(set(json.loads((root / index_name).read_text())["weight_map"].values()))
+            state: dict[str, Tensor] = {}
+            for name in files:
+                state.update(loader(str(root / name)))
+            return state
+    if (root / "model.safetensors").is_file():
+        return load_file(str(root / "model.safetensors"))
+    if (root / "pytorch_model.bin").is_file():
+        return _load_bin(str(root / "pytorch_model.bin"))
+    raise ExportError(f"no weights in {root} (expected model.safetensors[.index.json] or pytorch_model.bin)")
+
+
+def _load_bin(path: str) -> dict[str, Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def import_from_hf(hf_dir: str | os.PathLike, *, estimator: str = "switch") -> tuple[dict[str, Tensor], dict]:
+    """Read a local HF SwitchTransformers directory as a moetrain state dict.
+
+    Args:
+        hf_dir: directory with ``config.json`` and weights (``save_pretrained`` output).
+        estimator: the estimator training will use; ``sparsemixer`` adds ``omega`` = 1.
+
+    Returns:
+        ``(state_dict, overrides)``: weights under moetrain names (``ep_size=1``, global
+        expert ids) and the dotted ``model.*`` / ``moe.*`` settings the architecture needs
+        (apply them like a preset; exporting the result reproduces the weights bit for bit).
+    """
+    from moetrain.config import ModelConfig, MoEConfig
+
+    root = Path(hf_dir)
+    if not (root / "config.json").is_file():
+        raise ExportError(f"{root} has no config.json; is it a Hugging Face model directory?")
+    config = json.loads((root / "config.json").read_text())
+    overrides = model_overrides_from_hf(config)
+    fields = {section: {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(section + ".")}
+              for section in ("model", "moe")}
+    model_cfg = ModelConfig(**fields["model"])
+    moe_cfg = MoEConfig(**fields["moe"], estimator=estimator)
+    return from_hf(load_hf_state_dict(root), model_cfg, moe_cfg), overrides
+
+
+# ---------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], model_cfg, moe_cfg, *,
+                  batch: int = 2, length: int = 9, seed: int = 0) -> float:
+    """Max |moetrain - HF| over non-padding outputs (logits, or encoder states) on a random batch.
+
+    Both models run in float32 eval mode; the batch has padding in its last row.
+    """
+    import transformers
+
+    from moetrain.models import build_model
+
+    model = build_model(model_cfg, moe_cfg).eval()
+    if model_cfg.arch == "encoder":
+        state_dict = _split_prefix(state_dict, None)[0]
+    model.load_state_dict(state_dict)
+    cls = (transformers.SwitchTransformersEncoderModel if model_cfg.arch == "encoder"
+           else transformers.SwitchTransformersForConditionalGeneration)
+    hf = cls.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model_cfg.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[-1, length // 2:] = 0
+    if model_cfg.arch == "encoder":
+        ours, _ = model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        valid = mask.bool()
+    else:
+        dec = torch.randint(2, model_cfg.vocab_size, (batch, length - 2), generator=gen)
+        dec[:, 0] = model_cfg.decoder_start_token_id
+        ours = model(ids, mask, dec).logits
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        valid = torch.ones_like(dec, dtype=torch.bool)
+    return float((ours - theirs).abs()[valid].max())
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """``CHECKPOINT --out HF_DIR [--max-shard-size SIZE] [--verify]``."""
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="portable checkpoint, a checkpoint dir holding portable/, or a run dir "
+                             "(uses checkpoints/latest)")
+    parser.add_argument("--out", metavar="HF_DIR", default=None,
+                        help="output directory (default: export.out_dir of the checkpoint's config)")
+    parser.add_argument("--max-shard-size", dest="max_shard_size", default=None, metavar="SIZE",
+                        help="largest weight file, e.g. 500MB (default: export.max_shard_size)")
+    parser.add_argument("--verify", action="store_true",
+                        help="load the export with transformers and compare logits with moetrain's")
+
+
+def main_export(args: argparse.Namespace) -> int:
+    """``moetrain export``: portable checkpoint -> HF directory. Returns the exit code."""
+    from moetrain.config import ConfigError
+
+    try:
+        portable = resolve_portable(args.checkpoint)
+        state_dict, cfg = load_portable(portable)
+        tokenizer = portable / PORTABLE_TOKENIZER
+        if not tokenizer.is_dir():
+            raise ExportError(f"missing tokenizer: {tokenizer} does not exist (the HF export needs it)")
+        out = getattr(args, "out", None) or cfg.export.out_dir
+        if out is None:
+            raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")
+        shard = getattr(args, "max_shard_size", None) or cfg.export.max_shard_size
+        generation = {"num_beams": cfg.train.beam_size, "length_penalty": cfg.train.length_penalty,
+                      "max_length": cfg.train.max_decode_length + 1}
+        export_to_hf(state_dict, cfg.model, cfg.moe, out, tokenizer, generation, max_shard_size=shard,
+                     source=str(portable))
+        print(f"exported {portable} -> {out} ({len(name_map(cfg.model, cfg.moe))} tensors, "
+              f"estimator {cfg.moe.estimator})")
+        if getattr(args, "verify", False):
+            print(f"max |moetrain - HF| = {verify_export(out, state_dict, cfg.model, cfg.moe):.3g}")
+        return 0
+    except (ExportError, ConversionError, ConfigError) as err:
+        print(f"moetrain export: {err}", file=sys.stderr)
+        return 2
