@@ -203,7 +203,8 @@ def _split_prefix(state_dict: dict[str, Tensor], prefix: str | None) -> tuple[di
 
 
 def _save_tokenizer(tokenizer_dir, out: Path, model_cfg) -> None:
-    from transformers import AutoTokenizer
+    """Check the tokenizer against the model and save it where ``AutoTokenizer`` finds it."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(tokenizer_dir)
     if not path.is_dir():
@@ -211,7 +212,15 @@ def _save_tokenizer(tokenizer_dir, out: Path, model_cfg) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # noqa: BLE001 - any loader failure is the same user error
-        raise ExportError(f"cannot load the tokenizer at {path}: {err}") from err
+        if not (path / "tokenizer.json").is_file():
+            raise ExportError(f"cannot load the tokenizer at {path}: {err}") from err
+        # A bare tokenizers file (no tokenizer_config.json): wrap it.
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    # HF generate and pipelines read these; name them after the model's ids if missing.
+    if tok.pad_token is None and model_cfg.pad_token_id < len(tok):
+        tok.pad_token = tok.convert_ids_to_tokens(model_cfg.pad_token_id)
+    if tok.eos_token is None and model_cfg.eos_token_id < len(tok):
+        tok.eos_token = tok.convert_ids_to_tokens(model_cfg.eos_token_id)
     if len(tok) > model_cfg.vocab_size:
         raise ExportError(f"vocab size mismatch: the tokenizer has {len(tok)} tokens but model.vocab_size is "
                           f"{model_cfg.vocab_size}")
@@ -256,6 +265,8 @@ def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str
     """
     from transformers import GenerationConfig, SwitchTransformersConfig
 
+    if model_cfg.arch not in ("encoder_decoder", "encoder"):
+        raise ExportError(f"model.arch {model_cfg.arch!r} has no HF SwitchTransformers class")
     note = check_exportable(moe_cfg)
     if note is not None:
         warnings.warn(f"export of a {moe_cfg.estimator} model is approximate in HF: {note}", stacklevel=2)

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moetrain.config import load_config
 from moetrain.export import (
@@ -172,15 +173,9 @@ def test_encoder_only_export_with_heads(tmp_path):
         theirs = hf(input_ids=src, attention_mask=mask).last_hidden_state
     valid = mask.bool()  # padding positions: HF routes them, moetrain does not
     assert float((ours - theirs).abs()[valid].max()) < TOL
-    heads = load_hf_state_dict_file(tmp_path / "hf" / "moetrain_heads.safetensors")
+    heads = load_file(str(tmp_path / "hf" / "moetrain_heads.safetensors"))
     assert list(heads) == ["disc_head.weight"]
     assert verify_export(tmp_path / "hf", state, model_cfg, moe_cfg) < TOL
-
-
-def load_hf_state_dict_file(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def test_sparse_layer_counts_reproduce_our_placement():
@@ -288,6 +283,9 @@ def test_bad_inputs_write_nothing(tmp_path):
         export_to_hf(state, model_cfg, moe_cfg, out, tokenizer_dir=make_tokenizer(tmp_path / "big", 50))
     with pytest.raises(ExportError, match="missing tokenizer"):
         export_to_hf(state, model_cfg, moe_cfg, out, tokenizer_dir=tmp_path / "no-tokenizer")
+    (tmp_path / "big" / "junk").mkdir()
+    with pytest.raises(ExportError, match="cannot load the tokenizer"):
+        export_to_hf(state, model_cfg, moe_cfg, out, tokenizer_dir=tmp_path / "big" / "junk")
     # Routing HF cannot run.
     with pytest.raises(ConversionError, match="top_k=2"):
         export_to_hf(state, model_cfg, tiny_cfgs(moe__estimator="topk", moe__top_k=2)[1], out)
@@ -342,6 +340,17 @@ def test_portable_and_cli_export(tmp_path, repo_root, capsys):
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert (gen["num_beams"], gen["max_length"]) == (cfg.train.beam_size, cfg.train.max_decode_length + 1)
     load_hf(tmp_path / "hf")
+
+
+def test_bare_tokenizer_file_is_wrapped(tmp_path):
+    """A tokenizer directory holding only tokenizer.json still exports (special tokens named)."""
+    make_tokenizer(tmp_path / "full")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "tokenizer.json").write_bytes((tmp_path / "full" / "tokenizer.json").read_bytes())
+    model, model_cfg, moe_cfg = build()
+    export_to_hf(model.state_dict(), model_cfg, moe_cfg, tmp_path / "hf", tokenizer_dir=tmp_path / "bare")
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert (len(tok), tok.pad_token_id, tok.eos_token_id) == (24, 0, 1)
 
 
 def test_through_the_cli_parser(tmp_path, repo_root, monkeypatch):
