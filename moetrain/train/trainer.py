@@ -113,6 +113,8 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
 def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
     """Process group, task, model, engine, resume; prints where the outputs go."""
     info = init_distributed(cfg.parallel.backend)
+    if info.world_size % cfg.parallel.ep_size:
+        raise ValueError(f"parallel.ep_size={cfg.parallel.ep_size} must divide the number of ranks ({info.world_size})")
     _seed(cfg.train.seed)  # same on every rank: identical dense initialisation
     task = task if task is not None else build_task(cfg, out_dir)
     model = task.build_model(ep_size=cfg.parallel.ep_size)

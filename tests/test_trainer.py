@@ -1,0 +1,189 @@
+"""Single-process pieces of the trainer: LR schedule, DeepSpeed config, optimizer groups, metrics.
+
+No process group is created here; the multi-rank behaviour is in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from moetrain.config import ParallelConfig, TrainConfig
+from moetrain.moe import MoELayer
+from moetrain.train.distributed import deepspeed_config, param_groups
+from moetrain.train.metrics import MetricsLogger, WindowStats, _merge_windows, flops_per_token
+from moetrain.train.schedule import LRSchedule, build_scheduler
+from moetrain.train.trainer import _num_samples, _to_device
+
+
+# -- schedule -------------------------------------------------------------------------------
+
+
+def test_inverse_sqrt_warms_up_then_decays():
+    f = LRSchedule("inverse_sqrt", warmup_steps=4, max_steps=100)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # the first step already trains
+    assert f(4) == pytest.approx(math.sqrt(4 / 5)) and f(15) == pytest.approx(0.5)
+
+
+def test_linear_reaches_zero_after_last_step_and_constant_stays():
+    f = LRSchedule("linear", warmup_steps=2, max_steps=10)
+    assert f(1) == 1.0 and f(2) == 1.0 and f(9) == pytest.approx(1 / 8) and f(10) == 0.0
+    assert LRSchedule("constant", 0, 10)(5) == 1.0
+    assert LRSchedule("inverse_sqrt", 0, 10)(3) == pytest.approx(0.5)  # no warmup: 1/sqrt(step)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        LRSchedule("cosine", 0, 10)
+
+
+def test_scheduler_state_records_the_schedule():
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1e-3)
+    sched = build_scheduler(opt, "inverse_sqrt", 4, 100)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    assert sched.state_dict()["lr_lambdas"][0] == {"kind": "inverse_sqrt", "warmup_steps": 4, "max_steps": 100}
+
+
+# -- DeepSpeed config -------------------------------------------------------------------------
+
+
+def test_generated_deepspeed_config():
+    t = TrainConfig(grad_accum_steps=4, grad_clip=1.0, precision="bf16")
+    cfg = deepspeed_config(t, ParallelConfig(ep_size=2, zero_stage=2), on_gpu=False)
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 1.0
+    assert cfg["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True}
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["zero_allow_untested_optimizer"]
+
+
+def test_user_json_overrides_but_cannot_contradict(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "comms_logger": {}}))
+    cfg = deepspeed_config(TrainConfig(), ParallelConfig(zero_stage=1, deepspeed_config=str(user)), on_gpu=False)
+    assert cfg["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000} and "comms_logger" in cfg
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="set parallel.zero_stage instead"):
+        deepspeed_config(TrainConfig(), ParallelConfig(zero_stage=1, deepspeed_config=str(user)), on_gpu=False)
+    user.write_text(json.dumps({"gradient_accumulation_steps": 8}))
+    with pytest.raises(ValueError, match="set by moetrain"):
+        deepspeed_config(TrainConfig(), ParallelConfig(deepspeed_config=str(user)), on_gpu=False)
+
+
+def test_fp16_needs_a_gpu_and_zero():
+    with pytest.raises(ValueError, match="needs a GPU"):
+        deepspeed_config(TrainConfig(precision="fp16"), ParallelConfig(zero_stage=1), on_gpu=False)
+    with pytest.raises(ValueError, match="zero_stage 1 or 2"):
+        deepspeed_config(TrainConfig(precision="fp16"), ParallelConfig(zero_stage=0), on_gpu=True)
+    assert deepspeed_config(TrainConfig(precision="fp16"), ParallelConfig(zero_stage=1), on_gpu=True)["fp16"]["enabled"]
+
+
+def test_accelerate_plugin_must_agree(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    deepspeed_config(TrainConfig(), ParallelConfig(zero_stage=1), on_gpu=False)
+    with pytest.raises(ValueError, match="parallel.zero_stage"):
+        deepspeed_config(TrainConfig(), ParallelConfig(zero_stage=2), on_gpu=False)
+
+
+# -- optimizer groups and FLOPs -----------------------------------------------------------
+
+
+class TinyMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.norm = nn.LayerNorm(8)
+        self.moe = MoELayer(8, 16, num_experts=4, estimator="switch")
+
+    def forward(self, x):
+        return self.moe(self.norm(self.embed(x)))[0]
+
+
+def test_param_groups_split_experts_and_decay():
+    model = TinyMoE()
+    groups = param_groups(model, weight_decay=0.1)
+    experts = {id(p) for p in model.moe.experts.parameters()}
+    moe = [g for g in groups if g.get("moe")]
+    assert len(moe) == 1 and {id(p) for p in moe[0]["params"]} == experts and moe[0]["weight_decay"] == 0.1
+    no_decay = next(g for g in groups if g["name"] == "no_decay")
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert [g["name"] for g in param_groups(model, 0.0)] == ["dense", "ep_size_1"]
+
+
+def test_flops_per_token_counts_top_k_experts():
+    model = TinyMoE()
+    expert = 2 * 8 * 16  # wi + wo of one expert
+    dense = 10 * 8 + 2 * 8 + 8 * 4  # embedding, norm, router
+    assert flops_per_token(model) == 6.0 * (dense + expert)
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def _stats(counts, n, value):
+    return SimpleNamespace(tokens_per_expert=torch.tensor(counts), num_tokens=n, balance_loss=torch.tensor(value),
+                           z_loss=torch.tensor(value), router_entropy=torch.tensor(value),
+                           dropped_fraction=torch.tensor(0.0))
+
+
+def test_window_is_token_weighted_over_micro_batches_and_ranks():
+    a, b = WindowStats(), WindowStats()
+    a.add(SimpleNamespace(loss=torch.tensor(1.0), num_tokens=10, logs={"ce": 1.0}, moe_stats=[_stats([10, 0], 10, 1.0)]), 2)
+    b.add(SimpleNamespace(loss=torch.tensor(4.0), num_tokens=30, logs={"ce": 2.0}, moe_stats=[_stats([0, 30], 30, 3.0)]), 3)
+    parts = [{"sums": dict(w.sums), "weight": w.weight, "tokens": w.tokens, "samples": w.samples, "moe": w.moe}
+             for w in (a, b)]
+    merged = _merge_windows(parts)
+    assert merged["means"]["loss"] == pytest.approx((10 + 120) / 40) and merged["means"]["ce"] == pytest.approx(70 / 40)
+    assert merged["tokens"] == 40 and merged["samples"] == 5
+    assert merged["moe"][0]["load"] == [0.25, 0.75] and merged["moe"][0]["z_loss"] == pytest.approx(100 / 40)
+
+
+def test_metrics_logger_writes_jsonl_tensorboard_and_lines(tmp_path, capsys):
+    log = MetricsLogger(tmp_path, is_main=True, max_steps=10, start_step=0, layer_names=["encoder.1"])
+    moe = [{"load": [0.5, 0.5], "dropped_fraction": 0.0, "router_entropy": 0.6, "balance_loss": 1.0, "z_loss": 2.0}]
+    log.log_train(5, {"loss": 2.5, "lr": 1e-3, "tokens_per_second": 100.0, "grad_norm": None, "moe": moe})
+    log.log_eval(5, {"loss": 2.0, "bleu": 1.5})
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["type"] == "train" and lines[0]["step"] == 5 and lines[0]["moe"][0]["layer"] == "encoder.1"
+    assert lines[1] == {"type": "eval", "step": 5, "loss": 2.0, "bleu": 1.5}
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "step 5/10" in out and "max_load 1.00x" in out and "eval step 5" in out
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    log = MetricsLogger(tmp_path / "r1", is_main=False, max_steps=10, start_step=0)
+    log.log_train(1, {"loss": 1.0, "lr": 1.0, "tokens_per_second": 1.0})
+    log.close()
+    assert not (tmp_path / "r1").exists()
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def test_batch_helpers():
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "meta": [torch.ones(2)], "n": 1}
+    assert _num_samples(batch) == 3 and _num_samples({"x": torch.zeros(7, 2)}) == 7
+    moved = _to_device(batch, torch.device("cpu"))
+    assert moved["n"] == 1 and isinstance(moved["meta"], list)
+
+
+class ProbeTask:
+    def __init__(self, cfg, out_dir):
+        self.cfg, self.out_dir = cfg, out_dir
+
+
+def test_build_task_registry(tmp_path, monkeypatch):
+    from moetrain import tasks
+
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.build_task(SimpleNamespace(task="nope"), tmp_path)
+    monkeypatch.setitem(tasks.TASKS, "probe", f"{__name__}:ProbeTask")
+    cfg = SimpleNamespace(task="probe")
+    built = tasks.build_task(cfg, str(tmp_path))
+    assert isinstance(built, ProbeTask) and built.cfg is cfg and built.out_dir == tmp_path
+    assert tasks.TASKS["translation"] == "moetrain.tasks.translation:TranslationTask"
+    assert tasks.TASKS["electra"] == "moetrain.tasks.electra:ElectraTask"
