@@ -118,6 +118,17 @@ def sparsemixer_mask(logits: Tensor, eps: float) -> Tensor:
         return ((top - logits) / factor) > (2 * eps)
 
 
+def _check_jitter_mode(jitter_mode: str) -> None:
+    if jitter_mode not in ("input", "logits", "none"):
+        raise ValueError(f"jitter_mode must be 'input', 'logits' or 'none', got {jitter_mode!r}")
+
+
+def _jitter_logits(logits: Tensor, noise: RoutingNoise, eps: float) -> Tensor:
+    """Multiply the logits by U(1 - eps, 1 + eps) (the SparseMixer code's Switch baseline)."""
+    u = noise.uniform(STREAM_JITTER, logits.shape[-1]).to(logits.dtype)
+    return logits * (1.0 - eps + 2.0 * eps * u)
+
+
 def _first_choice_weight(probs: Tensor, ids: Tensor) -> Tensor:
     return probs.gather(-1, ids)
 
@@ -169,16 +180,17 @@ class SwitchEstimator(Estimator):
 
     def __init__(self, num_experts: int, top_k: int = 1, jitter_eps: float = 0.1, jitter_mode: str = "input", **unused):
         super().__init__(num_experts, top_k)
-        if jitter_mode not in ("input", "logits", "none"):
-            raise ValueError(f"jitter_mode must be 'input', 'logits' or 'none', got {jitter_mode!r}")
+        if top_k != 1:
+            # Silently routing top-1 would leave the layer expecting top_k routes per token.
+            raise ValueError("switch is top-1; use topk or sparsemixer_v2 for more experts per token")
+        _check_jitter_mode(jitter_mode)
         self.jitter_eps = jitter_eps
         self.jitter_mode = jitter_mode
         self.input_jitter_eps = jitter_eps if jitter_mode == "input" else 0.0
 
     def forward(self, logits: Tensor, noise: RoutingNoise, training: bool) -> Routing:
         if training and self.jitter_mode == "logits" and self.jitter_eps > 0:
-            u = noise.uniform(STREAM_JITTER, logits.shape[-1]).to(logits.dtype)
-            logits = logits * (1.0 - self.jitter_eps + 2.0 * self.jitter_eps * u)
+            logits = _jitter_logits(logits, noise, self.jitter_eps)
         probs = logits.softmax(dim=-1)
         ids = probs.argmax(dim=-1, keepdim=True)
         return Routing(ids, _first_choice_weight(probs, ids), probs, ids[:, 0])
@@ -189,14 +201,20 @@ class TopKEstimator(Estimator):
     """GShard / Mixtral top-k: the k largest softmax probabilities, renormalised.
 
     With ``top_k=1`` the renormalised weight is always 1, so the router learns
-    only from the balance and z losses; use ``switch`` for top-1.
+    only from the balance and z losses; use ``switch`` for top-1. Jitter modes
+    as for ``switch``.
     """
 
     def __init__(self, num_experts: int, top_k: int = 2, jitter_eps: float = 0.0, jitter_mode: str = "none", **unused):
         super().__init__(num_experts, top_k)
+        _check_jitter_mode(jitter_mode)
+        self.jitter_eps = jitter_eps
+        self.jitter_mode = jitter_mode
         self.input_jitter_eps = jitter_eps if jitter_mode == "input" else 0.0
 
     def forward(self, logits: Tensor, noise: RoutingNoise, training: bool) -> Routing:
+        if training and self.jitter_mode == "logits" and self.jitter_eps > 0:
+            logits = _jitter_logits(logits, noise, self.jitter_eps)
         probs = logits.softmax(dim=-1)
         top_probs, ids = probs.topk(self.top_k, dim=-1)
         weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
@@ -274,12 +292,16 @@ class SparseMixerV2Estimator(Estimator):
             return ids, probs.gather(-1, ids), probs
         coin = noise.uniform(coin_stream, 1).to(logits.dtype)
         first_order = (ids == probs.argmax(dim=-1, keepdim=True)) | (coin > 0.75)
-        coef = (0.3333 + 0.6667 * first_order.to(logits.dtype)).to(logits.dtype)
+        # The reference forms the coefficient in float32 and then casts it, so in float64
+        # the mid-point value is float32(0.3333) = 0.33329999446868896, not 0.3333.
+        coef = torch.where(first_order, 1.0, 0.3333).to(torch.float32).to(logits.dtype)
         return ids, masked_gate(logits, probs, ids, coef, scale=1.0), probs
 
     def forward(self, logits: Tensor, noise: RoutingNoise, training: bool) -> Routing:
         ids1, w1, probs1 = self._slot(logits, logits, noise, training, STREAM_SAMPLE, STREAM_COIN)
-        scores2 = logits.detach().scatter(-1, ids1, float("-inf"))
+        # Not detached: at evaluation slot 2's weight is a plain softmax value whose gradient
+        # reaches the logits (as in the reference); in training masked_gate detaches it anyway.
+        scores2 = logits.scatter(-1, ids1, float("-inf"))
         ids2, w2, _ = self._slot(logits, scores2, noise, training, STREAM_SAMPLE_2, STREAM_COIN_2)
         ids = torch.cat([ids1, ids2], dim=-1)
         return Routing(ids, torch.cat([w1, w2], dim=-1), probs1, ids1[:, 0])
