@@ -173,6 +173,24 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     layer.set_defaults(bench_run=lambda args: _resolve("moetrain.bench.moe_layer:main", "bench moe-layer")(args))
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """``CHECKPOINT --out HF_DIR [--max-shard-size SIZE] [--verify]``."""
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="portable checkpoint, a checkpoint dir holding portable/, or a run dir "
+                             "(uses checkpoints/latest)")
+    parser.add_argument("--out", metavar="HF_DIR", default=None,
+                        help="output directory (default: export.out_dir of the checkpoint's config)")
+    parser.add_argument("--max-shard-size", dest="max_shard_size", default=None, metavar="SIZE",
+                        help="largest weight file, e.g. 500MB (default: export.max_shard_size)")
+    parser.add_argument("--verify", action="store_true",
+                        help="load the export with transformers and compare logits with moetrain's")
+
+
+def _run_export(args: argparse.Namespace) -> int | None:
+    # Export takes a checkpoint, not a recipe: the run's config travels inside it.
+    return _resolve("moetrain.export:main_export", "export")(args)
+
+
 def _run_bench(args: argparse.Namespace) -> int | None:
     return args.bench_run(args)
 
@@ -195,7 +213,7 @@ register_command(
     "export", "export to a Hugging Face SwitchTransformers directory",
     "Export a checkpoint to a stock Hugging Face SwitchTransformers directory "
     "(safetensors shards, config.json, tokenizer); see the export section of the config.",
-    add_run_arguments, work_command("moetrain.export:main_export", "export"))
+    add_export_arguments, _run_export)
 register_command(
     "finetune", "fine-tune a pretrained encoder on a GLUE task",
     "Fine-tune a pretrained Switch encoder on one GLUE task and report its metric.",

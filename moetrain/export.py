@@ -404,17 +404,8 @@ def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], mode
 # ---------------------------------------------------------------------------
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """``CHECKPOINT --out HF_DIR [--max-shard-size SIZE] [--verify]``."""
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="portable checkpoint, a checkpoint dir holding portable/, or a run dir "
-                             "(uses checkpoints/latest)")
-    parser.add_argument("--out", metavar="HF_DIR", default=None,
-                        help="output directory (default: export.out_dir of the checkpoint's config)")
-    parser.add_argument("--max-shard-size", dest="max_shard_size", default=None, metavar="SIZE",
-                        help="largest weight file, e.g. 500MB (default: export.max_shard_size)")
-    parser.add_argument("--verify", action="store_true",
-                        help="load the export with transformers and compare logits with moetrain's")
+# Defined with the CLI so that building the parser imports no torch/DeepSpeed.
+from moetrain.cli import add_export_arguments  # noqa: E402
 
 
 def main_export(args: argparse.Namespace) -> int:

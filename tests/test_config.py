@@ -116,7 +116,7 @@ def test_empty_section_is_allowed(tmp_path):
     assert load_config(write(tmp_path, "moe:\ntrain:\n")).moe == C.MoEConfig()
     # An empty section does not erase what a preset put there.
     cfg = load_config(write(tmp_path, "model:\nmoe:\n"), ["model.preset=switch-tiny"])
-    assert (cfg.model.d_model, cfg.moe.num_experts) == (64, 8)
+    assert (cfg.model.d_model, cfg.moe.num_experts) == (64, 4)
 
 
 @settings(max_examples=40, deadline=None)
