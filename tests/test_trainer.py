@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -152,6 +153,18 @@ def test_metrics_logger_writes_jsonl_tensorboard_and_lines(tmp_path, capsys):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "step 5/10" in out and "max_load 1.00x" in out and "eval step 5" in out
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    log = MetricsLogger(tmp_path, is_main=True, max_steps=4, start_step=1)
+    log.advance(2)
+    log.log_train(2, {"loss": 2.5, "lr": 1e-3, "tokens_per_second": 100.0})
+    log.message("hello")
+    assert log.bar is not None and log.bar.n == 2 and "loss" in str(log.bar.postfix)
+    log.close()
+    err = capsys.readouterr()
+    assert "hello" in err.out + err.err and "step 2/4" not in err.out  # the bar replaces plain lines
 
 
 def test_other_ranks_write_nothing(tmp_path):

@@ -9,9 +9,10 @@ Both runs use the recipe's model and per-rank batch (``data.max_tokens``): one p
 the steps after the warm-up and printed side by side with the scaling ratio
 ``tokens/s (EP=2, 2 ranks) / tokens/s (1 rank)``.
 
-On a CPU the two runs share the machine's cores (the single rank gets them all, each of the two
-ranks half), so the ratio measures the parallel overhead at equal hardware: 1.0 is the ideal.
-On GPUs each rank has its own device and the ideal is 2.0. Two ranks need two GPUs.
+On a CPU the two runs share the machine's cores by default (the single rank gets them all, each
+of the two ranks half), so the ratio measures the parallel overhead at equal hardware: 1.0 is the
+ideal. With ``--threads-per-rank 1`` (or on GPUs, one device per rank) the EP run has twice the
+hardware and the ideal is 2.0. Two ranks need two GPUs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     parser.add_argument("--task", default=None, metavar="MODULE:CLASS",
                         help="task class to use instead of the recipe's task (e.g. a custom task)")
+    parser.add_argument("--threads-per-rank", type=int, default=None, metavar="N",
+                        help="CPU only: torch threads per rank (default: cores / ranks, so both runs use every "
+                             "core; 1 avoids OpenMP slowdowns on a machine busy with other work)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     parser.add_argument("--keep", metavar="DIR", default=None, help="keep the two runs' directories under DIR")
 
@@ -51,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
     gpus = torch.cuda.device_count()
     cores = os.cpu_count() or 2
     settings = [("single rank", 1, 1), ("expert parallel", 2, 2)]
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="moetrain-bench-"))
+    scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="moetrain-bench-")
+    root = Path(args.keep) if args.keep else Path(scratch.name)
     rows = []
     for label, ranks, ep in settings:
         if gpus and gpus < ranks:
@@ -59,10 +64,12 @@ def main(args: argparse.Namespace) -> int:
             continue
         overrides = [*args.overrides, f"parallel.ep_size={ep}", f"parallel.zero_stage={zero}",
                      f"train.max_steps={args.warmup + args.steps}", "train.log_every=1", "train.eval_every=0"]
-        threads = 0 if gpus else max(cores // ranks, 1)
+        threads = 0 if gpus else (args.threads_per_rank or max(cores // ranks, 1))
         result = _run(args.config, overrides, root / f"{label.replace(' ', '_')}", ranks, threads, args.task)
         rows.append({"setting": label, "ranks": ranks, "ep_size": ep, "threads_per_rank": threads or None,
                      **_throughput(result, args.warmup)})
+    if scratch is not None:
+        scratch.cleanup()
     device = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"cpu ({cores} cores)"
     _print(rows, args, device)
     if args.json:
@@ -99,13 +106,14 @@ def _throughput(metrics: Path, warmup: int) -> dict[str, float]:
 
 def _print(rows: list[dict], args: argparse.Namespace, device: str) -> None:
     print(f"moetrain bench train: {args.config}, {args.steps} timed steps after {args.warmup} warm-up, {device}")
-    print(f"{'setting':<16} {'ranks':>5} {'ep':>3} {'tokens/s':>10} {'tokens/s/rank':>14}")
+    print(f"{'setting':<16} {'ranks':>5} {'ep':>3} {'threads':>7} {'tokens/s':>10} {'tokens/s/rank':>14}")
     for r in rows:
-        print(f"{r['setting']:<16} {r['ranks']:>5} {r['ep_size']:>3} {r['tokens_per_second']:>10.1f} "
-              f"{r['tokens_per_second'] / r['ranks']:>14.1f}")
+        print(f"{r['setting']:<16} {r['ranks']:>5} {r['ep_size']:>3} {r['threads_per_rank'] or '-':>7} "
+              f"{r['tokens_per_second']:>10.1f} {r['tokens_per_second'] / r['ranks']:>14.1f}")
     if len(rows) == 2:
         ratio = rows[1]["tokens_per_second"] / rows[0]["tokens_per_second"]
-        ideal = "1.0 on shared CPU cores" if "cpu" in device else "2.0 with one GPU per rank"
+        same_cores = "cpu" in device and rows[0]["threads_per_rank"] == 2 * rows[1]["threads_per_rank"]
+        ideal = "1.0: both runs use the same cores" if same_cores else "2.0: twice the devices"
         print(f"scaling ratio (EP=2 on 2 ranks / 1 rank): {ratio:.2f}x (ideal {ideal})")
 
 

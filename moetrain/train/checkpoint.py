@@ -397,7 +397,7 @@ def load_checkpoint(engine, path: Path, cfg: RunConfig, info: DistInfo) -> tuple
     saved_cfg = load_config(portable / "config.yaml")
     check_compatible(saved_cfg, cfg, portable / "model.safetensors", engine.module)
     state = TrainerState.from_json(portable / "trainer_state.json")
-    exact = portable != path and state.topology == topology(cfg, info)
+    exact = portable != path and (path / ENGINE_TAG).is_dir() and state.topology == topology(cfg, info)
     if exact:
         loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
