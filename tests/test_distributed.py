@@ -93,6 +93,8 @@ def two_ranks(tmp):
         {"name": "uneven", "out_dir": str(tmp / "uneven"), "toy": {"uneven": True},
          "set": {"train.max_steps": 5, "moe.capacity_factor": 1.0, "train.eval_every": 2}},
         {"name": "clean", "out_dir": str(tmp / "clean"), "set": CLEAN},
+        {"name": "sigterm", "out_dir": str(tmp / "sigterm"), "toy": {"sigterm_at": 5},
+         "set": {"train.max_steps": 100, "train.eval_every": 2}},
         {"name": "killed", "out_dir": str(tmp / "killed"), "kill_in_save_at": 8,
          "set": {**CLEAN, "model.dropout_rate": 0.1}},  # dropout: resume must restore each rank's RNG
     ]
@@ -178,6 +180,18 @@ def test_uneven_batches_finish(tmp, two_ranks):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     # rank 1 ran dry after 3 micro-batches: later steps count rank 0's tokens only.
     assert records[0]["tokens"] > records[-1]["tokens"] > 0
+
+
+def test_sigterm_on_one_rank_stops_all_after_the_step_with_a_checkpoint(tmp, two_ranks):
+    """Rank 0 gets SIGTERM while drawing micro-batch 5 (step 3 of GAS 2): both ranks finish step 3,
+    save it and return normally."""
+    assert result(tmp / "sigterm", two_ranks)["ok"]
+    records = [json.loads(x) for x in (tmp / "sigterm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [2]  # no final eval on a stop
+    assert (tmp / "sigterm" / "checkpoints" / "latest").read_text() == "step_00000003"
+    state = json.loads((tmp / "sigterm" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["data_position"] == 6
 
 
 def test_metrics_records(tmp, two_ranks):

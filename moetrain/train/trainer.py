@@ -13,12 +13,19 @@ Two rules keep multi-rank runs from hanging or drifting:
   last batch with loss weight 0 until every rank is out (the all-to-all needs all ranks);
 * routing noise is keyed by the micro-batch counter (``set_routing_step``), never by RNG
   state, so a resumed run and a run at another EP size route exactly alike.
+
+SIGTERM (SLURM preemption or time limit, ``kill``) on any rank ends the run after the current
+step with a checkpoint: the request travels to every rank in the all-reduce each micro-batch
+already makes, so all ranks stop at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,33 +86,36 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
     window, flops = WindowStats(), flops_per_token(engine.module)
     lr, grad_norm = engine.get_lr()[0], None
     engine.train()
-    while state.step < t.max_steps and not batches.exhausted:
-        logging = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
-        for _ in range(t.grad_accum_steps):
-            batch, weight = batches.next()
-            if batch is None:
-                break  # no rank has data left
-            set_routing_step(engine.module, state.data_position)
-            out = run.task.loss(engine, batch)
-            engine.backward(out.loss if weight else out.loss * 0.0)
-            lr = engine.get_lr()[0]
-            grad_norm = _stage0_grad_norm(engine) if logging else None
-            engine.step()
-            state.data_position += 1
-            if weight:
-                window.add(out, _num_samples(batch))
-        else:
-            state.step += 1
-            run.logger.advance(state.step)
-        last = state.step >= t.max_steps or batches.exhausted
-        if logging or last:
-            _log(run, window, lr, grad_norm, flops)
-        paused = time.perf_counter()
-        is_best = _maybe_evaluate(run, last)
-        if save and ((t.save_every and state.step % t.save_every == 0) or last):
-            save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
-                            is_best=is_best, tokenizer_dir=getattr(run.task, "tokenizer_dir", None))
-        window.start += time.perf_counter() - paused  # throughput excludes eval and saves
+    with _stop_on_sigterm(batches):
+        while state.step < t.max_steps and not batches.exhausted and not batches.stopping:
+            logging = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+            for _ in range(t.grad_accum_steps):
+                batch, weight = batches.next()
+                if batch is None:
+                    break  # no rank has data left
+                set_routing_step(engine.module, state.data_position)
+                out = run.task.loss(engine, batch)
+                engine.backward(out.loss if weight else out.loss * 0.0)
+                lr = engine.get_lr()[0]
+                grad_norm = _stage0_grad_norm(engine) if logging else None
+                engine.step()
+                state.data_position += 1
+                if weight:
+                    window.add(out, _num_samples(batch))
+            else:
+                state.step += 1
+                run.logger.advance(state.step)
+            last = state.step >= t.max_steps or batches.exhausted or batches.stopping
+            if logging or last:
+                _log(run, window, lr, grad_norm, flops)
+            paused = time.perf_counter()
+            is_best = _maybe_evaluate(run, last and not batches.stopping)  # a stop skips the final eval
+            if save and ((t.save_every and state.step % t.save_every == 0) or last):
+                save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
+                                is_best=is_best, tokenizer_dir=getattr(run.task, "tokenizer_dir", None))
+            window.start += time.perf_counter() - paused  # throughput excludes eval and saves
+    if batches.stopping:
+        run.logger.message(f"moetrain: stopped by SIGTERM after step {state.step} (checkpoint saved)")
     run.logger.close()
     return state
 
@@ -142,7 +152,8 @@ class MicroBatches:
 
     ``next()`` returns ``(batch, 1)`` normally, ``(last batch, 0)`` when only this rank ran
     out (replayed with loss weight 0 so the MoE collectives stay paired) and ``(None, 0)``
-    once every rank is out. One tiny all-reduce per micro-batch decides which.
+    once every rank is out. One tiny all-reduce per micro-batch decides which; it also
+    carries ``stop_requested`` (set by a signal on any rank) into ``stopping`` on every rank.
     """
 
     def __init__(self, task: Task, info: DistInfo, start: int, device: torch.device):
@@ -150,13 +161,17 @@ class MicroBatches:
         self.info, self.device = info, device
         self.last = None
         self.exhausted = False
+        self.stop_requested = False  # this rank got SIGTERM
+        self.stopping = False  # some rank got SIGTERM: finish the step, save, return
 
     def next(self) -> tuple[dict | None, int]:
         batch = next(self.iterator, None)
-        flag = torch.tensor([0 if batch is None else 1], device=self.device)
+        flags = torch.tensor([batch is not None, self.stop_requested], dtype=torch.long, device=self.device)
         if self.info.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not int(flag):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        have_batch, stop = flags.tolist()
+        self.stopping = self.stopping or bool(stop)
+        if not have_batch:
             self.exhausted = True
             return None, 0
         if batch is None:
@@ -166,6 +181,23 @@ class MicroBatches:
             return self.last, 0
         self.last = _to_device(batch, self.device)
         return self.last, 1
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(batches: MicroBatches):
+    """While training, SIGTERM asks for a clean stop instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def request_stop(signum, frame):
+        batches.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _log(run: Run, window: WindowStats, lr: float, grad_norm: float | None, flops: float) -> None:

@@ -11,10 +11,13 @@ It honours the ``Task`` protocol with the properties the distributed tests rely 
 Options (``ToyTask(cfg, out_dir, **options)``):
     unmark_experts: strip DeepSpeed's expert flags (negative control: EP results must differ).
     uneven: rank r uses sequences of length seq_len + 3r and rank 1 stops after 3 batches.
+    sigterm_at: rank 0 sends itself SIGTERM when it draws this micro-batch (preemption test).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -52,9 +55,9 @@ class ToyTask:
     higher_is_better = False
 
     def __init__(self, cfg, out_dir: Path, rows: int = 8, seq_len: int = 6, unmark_experts: bool = False,
-                 uneven: bool = False):
+                 uneven: bool = False, sigterm_at: int | None = None):
         self.cfg, self.rows, self.seq_len = cfg, rows, seq_len
-        self.unmark_experts, self.uneven = unmark_experts, uneven
+        self.unmark_experts, self.uneven, self.sigterm_at = unmark_experts, uneven, sigterm_at
         self.tokenizer_dir = Path(out_dir) / "toy_tokenizer"
         if not dist.is_initialized() or dist.get_rank() == 0:
             self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +90,8 @@ class ToyTask:
     def train_batches(self, dp_rank: int, dp_world: int, start_step: int = 0):
         index = start_step
         while not (self.uneven and dp_rank == 1 and index >= 3):  # uneven: rank 1 runs dry early
+            if index == self.sigterm_at and dp_rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
             yield self._rank_batch(index, dp_rank, dp_world)
             index += 1
 
