@@ -36,6 +36,18 @@ def test_prune_keeps_last_n_plus_latest_and_best(tmp_path):
     assert len(ck.list_checkpoints(tmp_path)) == 3
 
 
+def test_publish_replaces_a_step_saved_before(tmp_path):
+    _step_dirs(tmp_path, 10, 20)
+    ck._write_text(tmp_path / "latest", "step_00000020")
+    tmp = tmp_path / ".tmp-step_00000020"
+    tmp.mkdir()
+    (tmp / "new").write_text("x")
+    ck._publish(tmp_path, tmp, "step_00000020", is_best=True)
+    assert (tmp_path / "step_00000020" / "new").exists() and not tmp.exists()
+    assert (tmp_path / "latest").read_text() == "step_00000020" == (tmp_path / "best").read_text()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_resolve_resume(tmp_path):
     root = tmp_path / "checkpoints"
     assert ck.resolve_resume(None, root) is None
@@ -118,3 +130,16 @@ def test_read_portable(tmp_path):
     assert loaded_cfg.name == "probe" and state.step == 3
     assert torch.equal(weights["embed.weight"], model.embed.weight.detach())
     assert ck.read_portable(path)[2].step == 3
+
+
+def test_rng_roundtrip_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    ck._save_rng(tmp_path / "rng.pt")
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ck._load_rng(tmp_path / "rng.pt")  # torch.load(weights_only=True) inside
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first

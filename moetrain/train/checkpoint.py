@@ -140,7 +140,7 @@ def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, inf
     if info.is_main:
         for stale in root.glob(".tmp-*"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=True)
     barrier()
 
     engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
@@ -152,18 +152,31 @@ def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, inf
     barrier()  # every rank's files are in tmp
 
     if info.is_main:
-        final = root / name
-        if final.exists():  # the same step saved twice (e.g. an explicit final save)
-            old = root / f".tmp-old-{name}"
-            final.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(final)
-        _write_text(root / "latest", name)  # the commit point
-        if is_best:
-            _write_text(root / "best", name)
+        _publish(root, tmp, name, is_best)
         _prune(root, keep_last)
     barrier()
     return root / name
+
+
+def _publish(root: Path, tmp: Path, name: str, is_best: bool) -> None:
+    """Rename the finished ``tmp`` to ``root/name``, then move ``latest`` (the commit point)."""
+    final = root / name
+    if final.exists():  # this step was saved before (training resumed from an earlier checkpoint)
+        latest = root / "latest"
+        if latest.exists() and latest.read_text().strip() == name:
+            # Never leave `latest` naming a directory that is being replaced.
+            others = [p.name for p in list_checkpoints(root) if p.name != name]
+            if others:
+                _write_text(latest, others[-1])
+            else:
+                latest.unlink()
+        old = root / f".tmp-old-{name}"
+        final.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(final)
+    _write_text(root / "latest", name)
+    if is_best:
+        _write_text(root / "best", name)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -190,7 +203,10 @@ def _save_rng(path: Path) -> None:
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain types only, so that loading needs no pickle (torch.load(weights_only=True)).
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, path)
@@ -199,10 +215,11 @@ def _save_rng(path: Path) -> None:
 def _load_rng(path: Path) -> None:
     import numpy as np
 
-    rng = torch.load(path, weights_only=False)
+    rng = torch.load(path, weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
 
@@ -289,16 +306,16 @@ def gather_portable(engine, info: DistInfo) -> tuple[dict | None, dict | None]:
         gkey, layer = _global_key(key, layers)
         param = params.get(key)
         moments = {}
-        if param is None:
-            value = tensor.detach()
-        elif zero is not None:
-            value = safe_get_full_fp32_param(param)
+        value = tensor.detach()  # buffers, and parameters outside the optimizer (frozen)
+        # ZeRO marks every optimized parameter with `_hp_mapping` (None where this rank holds no
+        # part of it: the call is still a collective every rank must make).
+        if param is not None and zero is not None and hasattr(param, "_hp_mapping"):
+            value = safe_get_full_fp32_param(param)  # the fp32 master, not the bf16/fp16 copy
             if has_moments:
                 moments = {k: safe_get_full_optimizer_state(param, k) for k in ("exp_avg", "exp_avg_sq")}
-        else:
-            value = param.detach()
-            if has_moments:
-                moments = {k: base.state[param][k] for k in ("exp_avg", "exp_avg_sq")}
+        elif param is not None and zero is None and has_moments:
+            state = base.state.get(param, {})
+            moments = {k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state}
         keep = _owns_canonical_experts(layer) if layer is not None else info.is_main
         if keep:
             mine.append((gkey, _cpu32(value), {k: _cpu32(v) for k, v in moments.items()}))
@@ -456,7 +473,7 @@ def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(portable / "model.safetensors"))
-    optim = torch.load(portable / "optimizer.pt", weights_only=False)
+    optim = torch.load(portable / "optimizer.pt", weights_only=True)
     model, zero, base = engine.module, _zero_optimizer(engine), _base_optimizer(engine)
     layers = _expert_layers(model)
     adam_step = int(optim["adam_step"])
