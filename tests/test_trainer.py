@@ -133,9 +133,7 @@ def test_window_is_token_weighted_over_micro_batches_and_ranks():
     a, b = WindowStats(), WindowStats()
     a.add(SimpleNamespace(loss=torch.tensor(1.0), num_tokens=10, logs={"ce": 1.0}, moe_stats=[_stats([10, 0], 10, 1.0)]), 2)
     b.add(SimpleNamespace(loss=torch.tensor(4.0), num_tokens=30, logs={"ce": 2.0}, moe_stats=[_stats([0, 30], 30, 3.0)]), 3)
-    parts = [{"sums": dict(w.sums), "weight": w.weight, "tokens": w.tokens, "samples": w.samples, "moe": w.moe}
-             for w in (a, b)]
-    merged = _merge_windows(parts)
+    merged = _merge_windows([a.part(), b.part()])  # what rank 0 gathers from two ranks
     assert merged["means"]["loss"] == pytest.approx((10 + 120) / 40) and merged["means"]["ce"] == pytest.approx(70 / 40)
     assert merged["tokens"] == 40 and merged["samples"] == 5
     assert merged["moe"][0]["load"] == [0.25, 0.75] and merged["moe"][0]["z_loss"] == pytest.approx(100 / 40)

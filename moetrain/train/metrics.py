@@ -34,13 +34,19 @@ __all__ = ["WindowStats", "MetricsLogger", "flops_per_token", "peak_flops"]
 
 
 class WindowStats:
-    """Sums over the micro-batches of one logging window on this rank."""
+    """Sums over the micro-batches of one logging window on this rank.
+
+    Sums stay on the device (float64) until :meth:`reduce`, so recording a micro-batch never
+    waits for the GPU.
+    """
+
+    _MOE_KEYS = ("balance_loss", "z_loss", "router_entropy", "dropped_fraction")
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)  # token-weighted sums of loss and logs
+        self.sums: dict[str, Any] = defaultdict(float)  # token-weighted sums of loss and logs
         self.weight = 0  # sum of the per-micro-batch weights used in ``sums``
         self.tokens = 0
         self.samples = 0
@@ -53,27 +59,32 @@ class WindowStats:
         self.weight += n
         self.tokens += int(out.num_tokens)
         self.samples += num_samples
-        self.sums["loss"] += float(out.loss.detach()) * n
+        self.sums["loss"] = self.sums["loss"] + out.loss.detach().double() * n
         for key, value in out.logs.items():
-            self.sums[key] += float(value) * n
+            self.sums[key] = self.sums[key] + value * n
         for i, stats in enumerate(out.moe_stats):
             if i == len(self.moe):
-                self.moe.append({"load": torch.zeros_like(stats.tokens_per_expert, device="cpu"), "tokens": 0,
-                                 "balance_loss": 0.0, "z_loss": 0.0, "router_entropy": 0.0, "dropped_fraction": 0.0})
+                self.moe.append({"load": 0, "tokens": 0, **{key: 0.0 for key in self._MOE_KEYS}})
             acc, m = self.moe[i], max(stats.num_tokens, 1)
-            acc["load"] += stats.tokens_per_expert.detach().cpu()
+            acc["load"] = acc["load"] + stats.tokens_per_expert.detach()
             acc["tokens"] += m
-            for key in ("balance_loss", "z_loss", "router_entropy", "dropped_fraction"):
-                acc[key] += float(getattr(stats, key).detach()) * m
+            for key in self._MOE_KEYS:
+                acc[key] = acc[key] + getattr(stats, key).detach().double() * m
+
+    def part(self) -> dict[str, Any]:
+        """This rank's window as Python numbers and CPU tensors (the one device sync)."""
+        moe = [{"load": acc["load"].cpu(), "tokens": acc["tokens"], **{k: float(acc[k]) for k in self._MOE_KEYS}}
+               for acc in self.moe]
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "weight": self.weight, "tokens": self.tokens,
+                "samples": self.samples, "moe": moe}
 
     def reduce(self, rank: int, world_size: int) -> dict[str, Any] | None:
         """Combine every rank's window on rank 0 (collective). None on other ranks."""
-        mine = {"sums": dict(self.sums), "weight": self.weight, "tokens": self.tokens, "samples": self.samples,
-                "moe": self.moe}
-        parts = [mine]
+        parts = [self.part()]
         if world_size > 1:
-            parts = [None] * world_size if rank == 0 else None
-            dist.gather_object(mine, parts, dst=0)
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(parts[0], gathered, dst=0)
+            parts = gathered
         if rank != 0:
             return None
         return _merge_windows(parts)
