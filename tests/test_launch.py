@@ -41,9 +41,15 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+LAUNCH_VARS = ("NGPUS", "NPROC", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE",
+               "LAUNCHER", "ACCEL_CONFIG")
+
+
 def dry_run(script: str, *args: str, **env: str) -> list[str]:
+    # Only the variables a test sets: other tests in the session may leave MASTER_PORT and co. behind.
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     proc = subprocess.run(["bash", str(LAUNCH / script), *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "DRY_RUN": "1", **env}, timeout=60)
+                          env={**clean, "DRY_RUN": "1", **env}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return shlex.split(proc.stdout)
 
@@ -159,7 +165,8 @@ def test_bench_train_prints_both_runs_and_the_ratio(tmp_path):
 def test_tiny_recipe_through_deepspeed_script(tmp_path):
     env_cmd = ["env", "NGPUS=2", f"MASTER_PORT={_free_port()}", "bash", "launch/deepspeed.sh", "configs/tiny.yaml",
                str(tmp_path / "run"), "--set", "parallel.ep_size=2", "parallel.zero_stage=1", "train.max_steps=2",
-               "train.eval_every=0", "train.save_every=0"]
+               "train.eval_every=0", "train.save_every=0", "train.log_every=1",
+               "data.synthetic_num_valid=8", "train.beam_size=1", "train.max_decode_length=8"]
     _run(env_cmd, tmp_path, timeout=300)
     _check_run_dir(tmp_path / "run", 2)
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "portable" / "model.safetensors").exists()
