@@ -87,6 +87,8 @@ def two_ranks(tmp):
     spec += [
         {"name": "switch_model_ep2", "out_dir": str(tmp / "switch_model_ep2"), "task": "seq2seq",
          "set": {"moe.estimator": "sparsemixer", "parallel.zero_stage": 2}},
+        {"name": "empty_batches", "out_dir": str(tmp / "empty_batches"), "task": "seq2seq",
+         "toy": {"empty_after": 3}, "set": {"train.max_steps": 4}},
         {"name": "bf16_ep2", "out_dir": str(tmp / "bf16_ep2"), "set": {"train.precision": "bf16"}},
         {"name": "negative_unmarked", "out_dir": str(tmp / "negative"), "validate": False,
          "set": {"parallel.zero_stage": 0}, "toy": {"unmark_experts": True}},
@@ -192,6 +194,16 @@ def test_sigterm_on_one_rank_stops_all_after_the_step_with_a_checkpoint(tmp, two
     assert (tmp / "sigterm" / "checkpoints" / "latest").read_text() == "step_00000003"
     state = json.loads((tmp / "sigterm" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["data_position"] == 6
+
+
+def test_empty_filler_batches_under_zero(tmp, two_ranks):
+    """Rank 1's task yields 0-row batches from micro-batch 3 on. On the real model an empty batch
+    leaves the relative-position biases without a gradient, which breaks ZeRO's bucketed
+    reduction (gloo: "Received data size doesn't match"); the trainer replays the last real batch
+    with weight 0 instead, so only rank 0's tokens count afterwards."""
+    assert result(tmp / "empty_batches", two_ranks)["ok"]
+    tokens = [r["tokens"] for r in train_records(tmp / "empty_batches")]
+    assert tokens == [96, 72, 48, 48]  # GAS 2 x 2 ranks x 24 tokens; rank 1 empty from micro-batch 3
 
 
 def test_metrics_records(tmp, two_ranks):

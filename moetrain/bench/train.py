@@ -146,6 +146,7 @@ def _worker(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     cfg = load_config(spec["config"], spec["overrides"])
     out_dir = Path(spec["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
     if spec["task"]:
         module, _, name = spec["task"].partition(":")
         task = getattr(importlib.import_module(module), name)(cfg, out_dir)

@@ -125,6 +125,7 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
     info = init_distributed(cfg.parallel.backend)
     if info.world_size % cfg.parallel.ep_size:
         raise ValueError(f"parallel.ep_size={cfg.parallel.ep_size} must divide the number of ranks ({info.world_size})")
+    out_dir.mkdir(parents=True, exist_ok=True)
     _seed(cfg.train.seed)  # same on every rank: identical dense initialisation
     task = task if task is not None else build_task(cfg, out_dir)
     model = task.build_model(ep_size=cfg.parallel.ep_size)
@@ -150,10 +151,13 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
 class MicroBatches:
     """This rank's micro-batches, kept in step with the other ranks.
 
-    ``next()`` returns ``(batch, 1)`` normally, ``(last batch, 0)`` when only this rank ran
-    out (replayed with loss weight 0 so the MoE collectives stay paired) and ``(None, 0)``
-    once every rank is out. One tiny all-reduce per micro-batch decides which; it also
-    carries ``stop_requested`` (set by a signal on any rank) into ``stopping`` on every rank.
+    ``next()`` returns ``(batch, 1)`` normally and ``(None, 0)`` once every rank is out of data.
+    A rank that is out of data, or whose task yields an empty filler batch, gets ``(last real
+    batch, 0)``: replayed with loss weight 0, so its MoE collectives stay paired with the other
+    ranks and every parameter still receives a (zero) gradient, which ZeRO's bucketed reduction
+    needs on every rank (an empty batch can leave parameters such as position biases without one).
+    One tiny all-reduce per micro-batch decides which; it also carries ``stop_requested`` (set by
+    a signal on any rank) into ``stopping`` on every rank.
     """
 
     def __init__(self, task: Task, info: DistInfo, start: int, device: torch.device):
@@ -174,13 +178,13 @@ class MicroBatches:
         if not have_batch:
             self.exhausted = True
             return None, 0
-        if batch is None:
-            if self.last is None:
-                raise RuntimeError(f"rank {self.info.rank} got no training batch while other ranks did; "
-                                   "task.train_batches must yield at least one batch on every rank")
-            return self.last, 0
-        self.last = _to_device(batch, self.device)
-        return self.last, 1
+        if batch is not None and (self.last is None or not _is_empty(batch)):
+            self.last = _to_device(batch, self.device)
+            return self.last, 1
+        if self.last is None:
+            raise RuntimeError(f"rank {self.info.rank} got no training batch while other ranks did; "
+                               "task.train_batches must yield at least one batch on every rank")
+        return self.last, 0
 
 
 @contextlib.contextmanager
@@ -265,6 +269,13 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def _is_empty(batch: Any) -> bool:
+    """A filler batch: it holds tensors, and every one with a batch dimension has 0 rows."""
+    rows = [v.shape[0] for v in (batch.values() if isinstance(batch, dict) else [])
+            if torch.is_tensor(v) and v.ndim]
+    return bool(rows) and not any(rows)
 
 
 def _num_samples(batch: Any) -> int:

@@ -12,6 +12,7 @@ Options (``ToyTask(cfg, out_dir, **options)``):
     unmark_experts: strip DeepSpeed's expert flags (negative control: EP results must differ).
     uneven: rank r uses sequences of length seq_len + 3r and rank 1 stops after 3 batches.
     sigterm_at: rank 0 sends itself SIGTERM when it draws this micro-batch (preemption test).
+    empty_after: rank 1 yields empty (0-row) filler batches from this micro-batch on.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ class ToyTask:
     higher_is_better = False
 
     def __init__(self, cfg, out_dir: Path, rows: int = 8, seq_len: int = 6, unmark_experts: bool = False,
-                 uneven: bool = False, sigterm_at: int | None = None):
+                 uneven: bool = False, sigterm_at: int | None = None, empty_after: int | None = None):
         self.cfg, self.rows, self.seq_len = cfg, rows, seq_len
         self.unmark_experts, self.uneven, self.sigterm_at = unmark_experts, uneven, sigterm_at
+        self.empty_after = empty_after
         self.tokenizer_dir = Path(out_dir) / "toy_tokenizer"
         if not dist.is_initialized() or dist.get_rank() == 0:
             self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,10 @@ class ToyTask:
         while not (self.uneven and dp_rank == 1 and index >= 3):  # uneven: rank 1 runs dry early
             if index == self.sigterm_at and dp_rank == 0:
                 os.kill(os.getpid(), signal.SIGTERM)
-            yield self._rank_batch(index, dp_rank, dp_world)
+            batch = self._rank_batch(index, dp_rank, dp_world)
+            if self.empty_after is not None and dp_rank == 1 and index >= self.empty_after:
+                batch = {k: v[:0] for k, v in batch.items()}
+            yield batch
             index += 1
 
     def loss(self, model, batch) -> LossOutput:
