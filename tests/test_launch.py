@@ -149,6 +149,7 @@ def test_cli_under_accelerate_with_deepspeed_plugin(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # three fresh processes (~50 s); the trainer itself is covered by test_distributed.py
 def test_bench_train_prints_both_runs_and_the_ratio(tmp_path):
     (tmp_path / "toy.yaml").write_text(TOY_CONFIG)
     proc = _run([sys.executable, "-m", "moetrain.bench.train", "--config", str(tmp_path / "toy.yaml"),
