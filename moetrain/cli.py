@@ -171,6 +171,14 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        help="timed repetitions per setting; the median is reported (default: 5)")
     layer.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     layer.set_defaults(bench_run=lambda args: _resolve("moetrain.bench.moe_layer:main", "bench moe-layer")(args))
+    from moetrain.bench.train import add_arguments as add_bench_train_arguments  # no torch import
+
+    train = targets.add_parser(
+        "train", help="training tokens/s: 1 rank vs expert parallelism 2 on 2 ranks",
+        description="Train a recipe for a few steps on 1 rank and with EP=2 on 2 ranks, side by side, "
+                    "and print tokens/s and the scaling ratio.")
+    add_bench_train_arguments(train)
+    train.set_defaults(bench_run=lambda args: _resolve("moetrain.bench.train:main", "bench train")(args))
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
