@@ -59,6 +59,9 @@ __all__ = [
     "TrainConfig",
     "ParallelConfig",
     "ExportConfig",
+    "ElectraConfig",
+    "GlueConfig",
+    "GLUE_TASKS",
     "RunConfig",
     "PRESETS",
     "TASKS",
@@ -351,6 +354,172 @@ class ExportConfig:
     """Write safetensors (true) or pickle-based ``.bin`` files (false)."""
 
 
+@dataclass
+class ElectraConfig:
+    """ELECTRA pretraining (task ``electra``): text, packing, masking, generator and loss weight.
+
+    The tokenizer comes from ``data.tokenizer`` (``null``: trained on this text, ``data.vocab_size``
+    tokens, into ``<run dir>/tokenizer``); ``data.cache_dir`` holds the packed sequences.
+    """
+
+    source: str = choices("synthetic", "synthetic", "files", "hub")
+    """``synthetic`` (sentences from a small built-in grammar, offline), ``files`` (local
+    plain-text files, see train_files) or ``hub`` (a datasets-hub corpus, see hub_name)."""
+
+    train_files: str | None = None
+    """Comma-separated UTF-8 text files or glob patterns (source ``files``), e.g.
+    ``../shared/data/gutenberg-nltk-prose/*.txt``. One row per line; blank lines end documents."""
+
+    valid_files: str | None = None
+    """Validation text files, same syntax; ``null`` = hold out the last valid_sequences packed
+    sequences of the training text."""
+
+    hub_name: str | None = None
+    """Hub corpus when source is ``hub`` (e.g. ``wikimedia/wikipedia``, ``Skylion007/openwebtext``),
+    or a local dataset directory."""
+
+    hub_config: str | None = None
+    """Configuration of hub_name (e.g. ``20231101.en`` for Wikipedia); ``null`` = none."""
+
+    hub_split: str = "train"
+    """Split of hub_name to pretrain on (a slice like ``train[:1%]`` works)."""
+
+    text_column: str = "text"
+    """Column of hub_name that holds the text (one document per row)."""
+
+    max_documents: int | None = None
+    """Use only the first N rows (lines for ``files``, documents for ``hub``); ``null`` = all."""
+
+    encoding_errors: str = choices("strict", "strict", "replace")
+    """Bytes in text files that are not UTF-8: ``strict`` stops with an error naming the file,
+    ``replace`` reads them as U+FFFD and warns with a count."""
+
+    synthetic_num_documents: int = 3000
+    """Paragraphs generated when source is ``synthetic``."""
+
+    tokenizer_kind: str = choices("wordpiece", "wordpiece", "unigram")
+    """Vocabulary trained when data.tokenizer is null: ``wordpiece`` (BERT/ELECTRA) or
+    ``unigram`` (SentencePiece-style)."""
+
+    lowercase: bool = True
+    """Lowercase (and strip accents) before splitting; ELECTRA's released models are uncased."""
+
+    seq_length: int = 128
+    """Tokens per packed sequence, ``[CLS]`` and ``[SEP]`` included."""
+
+    batch_size: int = 32
+    """Sequences per micro-batch on one rank."""
+
+    valid_sequences: int = 256
+    """Sequences held out for validation when valid_files is null (at most this many are
+    evaluated when it is set)."""
+
+    mask_prob: float = 0.15
+    """Share of the (non-special) tokens of a sequence the generator has to predict."""
+
+    mask_token_prob: float = 0.85
+    """Share of those positions replaced by ``[MASK]``; the rest keep their token (ELECTRA: 0.85)."""
+
+    generator_width_fraction: float = 0.25
+    """Generator hidden size, FFN size and head count as a fraction of the discriminator's
+    (ELECTRA: 1/4 to 1/2 work best)."""
+
+    generator_layers: int | None = None
+    """Generator depth; ``null`` = model.num_layers."""
+
+    generator_moe: bool = False
+    """Give the generator Switch MoE layers too (same moe section); false = dense generator."""
+
+    sampling_temperature: float = 1.0
+    """Temperature of the generator softmax its replacements are sampled from."""
+
+    rtd_weight: float = 50.0
+    """lambda in ``loss = mlm + lambda * rtd + moe aux`` (ELECTRA: 50)."""
+
+
+#: GLUE tasks ``moetrain finetune`` knows (classification tasks; metric in moetrain.eval.glue_metrics).
+GLUE_TASKS = ("rte", "mrpc", "sst2", "cola", "qnli", "qqp", "mnli", "wnli")
+
+
+@dataclass
+class GlueConfig:
+    """GLUE fine-tuning (``moetrain finetune``): task, data, starting point, optimisation, seeds."""
+
+    task: str = choices("rte", *GLUE_TASKS)
+    """GLUE task: rte, mrpc, sst2, cola, qnli, qqp, mnli (matched dev) or wnli. Metric: accuracy;
+    F1 and accuracy for MRPC and QQP; Matthews correlation for CoLA."""
+
+    pretrained: str | None = None
+    """Pretrained checkpoint: a run directory (its checkpoints/latest), a step directory or a
+    portable directory. Architecture and tokenizer come from it. ``null`` = no checkpoint: the
+    model/moe sections of this config, random init, and data.tokenizer (or one trained on the
+    task's training text)."""
+
+    random_init: bool = False
+    """Take only the architecture and tokenizer from pretrained and start from random weights
+    (the baseline that shows what pretraining bought)."""
+
+    source: str = choices("hub", "hub", "files")
+    """``hub`` (hub_name through ``datasets``) or ``files`` (local train_file / dev_file)."""
+
+    hub_name: str = "nyu-mll/glue"
+    """Hub dataset holding the task as a configuration (or a local dataset directory with
+    train and validation files in the Hub schema)."""
+
+    train_file: str | None = None
+    """Local training file (source ``files``): GLUE TSV (with or without header, as released)
+    or JSON lines (e.g. SuperGLUE RTE's premise/hypothesis/label)."""
+
+    dev_file: str | None = None
+    """Local dev file, same formats."""
+
+    seed: int = 1
+    """First fine-tuning seed; seeds are seed, seed + 1, ... (head init, data order, dropout)."""
+
+    num_seeds: int = 3
+    """Fine-tuning runs with different seeds; the report gives mean, std, min and max."""
+
+    lr: float = 1e-4
+    """Peak AdamW learning rate (linear warmup, then linear decay to 0)."""
+
+    epochs: float = 3.0
+    """Passes over the training set (fractions allowed)."""
+
+    batch_size: int = 32
+    """Training examples per step."""
+
+    eval_batch_size: int = 128
+    """Examples per evaluation batch."""
+
+    max_length: int = 128
+    """Tokens per example (pairs are truncated longest-first), [CLS]/[SEP] included."""
+
+    warmup_fraction: float = 0.1
+    """Share of the steps spent warming the learning rate up from 0."""
+
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to norms and biases)."""
+
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value; 0 = off."""
+
+    pooling: str = choices("first", "first", "mean")
+    """Sentence representation for the head: ``first`` ([CLS] position) or ``mean`` (over tokens)."""
+
+    classifier_dropout: float = 0.1
+    """Dropout in the classification head."""
+
+    max_train_examples: int | None = None
+    """Use only the first N training examples (quick runs); ``null`` = all."""
+
+    max_dev_examples: int | None = None
+    """Evaluate on only the first N dev examples; ``null`` = all."""
+
+    export_hf: bool = False
+    """Also export the first seed's fine-tuned model to ``<run dir>/hf`` (HF
+    SwitchTransformersEncoderModel + ``moetrain_heads.safetensors``)."""
+
+
 #: Values of ``task``; each is a module in ``moetrain.tasks``.
 TASKS = ("translation", "glue", "electra")
 
@@ -382,6 +551,12 @@ class RunConfig:
 
     export: ExportConfig = field(default_factory=ExportConfig)
     """HF export settings."""
+
+    electra: ElectraConfig = field(default_factory=ElectraConfig)
+    """ELECTRA pretraining settings (task ``electra``)."""
+
+    glue: GlueConfig = field(default_factory=GlueConfig)
+    """GLUE fine-tuning settings (``moetrain finetune``)."""
 
 
 # ---------------------------------------------------------------------------
@@ -532,6 +707,8 @@ def _validate(cfg: RunConfig, ctx: Context) -> None:
     _check_train(cfg.train, ctx.require)
     _check_parallel(cfg.parallel, cfg.moe, cfg.train, ctx.require)
     _check_export(cfg.export, ctx.require)
+    _check_electra(cfg, ctx.require)
+    _check_glue(cfg.glue, ctx.require)
 
 
 def _check_model(m: ModelConfig, require: Callable[[bool, str, str], None]) -> None:
@@ -636,6 +813,49 @@ def _check_export(e: ExportConfig, require: Callable[[bool, str, str], None]) ->
     require(re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?)?B", e.max_shard_size, re.IGNORECASE) is not None,
             "export.max_shard_size", f"expected a size like '500MB' or '2GB', got '{e.max_shard_size}'")
 
+
+
+def _check_electra(cfg: RunConfig, require: Callable[[bool, str, str], None]) -> None:
+    e = cfg.electra
+    if cfg.task == "electra":
+        require(cfg.model.arch == "encoder", "model.arch", f"must be 'encoder' for task electra, got '{cfg.model.arch}'")
+        if e.source == "files":
+            require(e.train_files is not None, "electra.train_files", "is required when electra.source is 'files'")
+        if e.source == "hub":
+            require(e.hub_name is not None, "electra.hub_name", "is required when electra.source is 'hub'")
+    require(e.seq_length >= 8, "electra.seq_length", f"must be >= 8, got {e.seq_length}")
+    for key in ("batch_size", "valid_sequences", "synthetic_num_documents"):
+        require(getattr(e, key) >= 1, f"electra.{key}", f"must be >= 1, got {getattr(e, key)}")
+    require(e.max_documents is None or e.max_documents >= 1, "electra.max_documents",
+            f"must be >= 1 or null, got {e.max_documents}")
+    require(0 < e.mask_prob < 1, "electra.mask_prob", f"must be in (0, 1), got {e.mask_prob}")
+    require(0 <= e.mask_token_prob <= 1, "electra.mask_token_prob", f"must be in [0, 1], got {e.mask_token_prob}")
+    require(0 < e.generator_width_fraction <= 1, "electra.generator_width_fraction",
+            f"must be in (0, 1], got {e.generator_width_fraction}")
+    require(e.generator_layers is None or e.generator_layers >= 1, "electra.generator_layers",
+            f"must be >= 1 or null, got {e.generator_layers}")
+    require(e.sampling_temperature > 0, "electra.sampling_temperature", f"must be > 0, got {e.sampling_temperature}")
+    require(e.rtd_weight >= 0, "electra.rtd_weight", f"must be >= 0, got {e.rtd_weight}")
+
+
+def _check_glue(g: GlueConfig, require: Callable[[bool, str, str], None]) -> None:
+    if g.source == "files":
+        require(g.train_file is not None, "glue.train_file", "is required when glue.source is 'files'")
+        require(g.dev_file is not None, "glue.dev_file", "is required when glue.source is 'files'")
+    require(not g.random_init or g.pretrained is not None, "glue.random_init",
+            "needs glue.pretrained (the architecture and tokenizer to start from)")
+    for key in ("num_seeds", "batch_size", "eval_batch_size"):
+        require(getattr(g, key) >= 1, f"glue.{key}", f"must be >= 1, got {getattr(g, key)}")
+    require(g.max_length >= 4, "glue.max_length", f"must be >= 4, got {g.max_length}")
+    require(g.lr > 0, "glue.lr", f"must be > 0, got {g.lr}")
+    require(g.epochs > 0, "glue.epochs", f"must be > 0, got {g.epochs}")
+    require(0 <= g.warmup_fraction < 1, "glue.warmup_fraction", f"must be in [0, 1), got {g.warmup_fraction}")
+    require(g.weight_decay >= 0, "glue.weight_decay", f"must be >= 0, got {g.weight_decay}")
+    require(g.grad_clip >= 0, "glue.grad_clip", f"must be >= 0 (0 = off), got {g.grad_clip}")
+    require(0 <= g.classifier_dropout < 1, "glue.classifier_dropout", f"must be in [0, 1), got {g.classifier_dropout}")
+    for key in ("max_train_examples", "max_dev_examples"):
+        value = getattr(g, key)
+        require(value is None or value >= 1, f"glue.{key}", f"must be >= 1 or null, got {value}")
 
 # ---------------------------------------------------------------------------
 # Saving

@@ -1,0 +1,148 @@
+"""Does ELECTRA pretraining help? Tiny pretraining on shared text, then RTE and MRPC dev scores.
+
+    python benchmarks/electra_glue.py --out runs/bench-electra-glue            # ~15 min on 2 CPU cores
+    python benchmarks/electra_glue.py --out /tmp/bench --quick                 # a 2-minute smoke run
+
+1. Pretrain a small Switch ELECTRA (discriminator d=64, 4 layers, two 8-expert Switch layers;
+   dense generator at half width) on the Gutenberg prose and WikiText-2 files in
+   ``../shared/data`` (about 5.7 MB of text) with a WordPiece vocabulary of 8000, through the
+   regular trainer (``moetrain.train.trainer.train``).
+2. Fine-tune its discriminator on RTE (accuracy) and MRPC (F1, accuracy), and the same
+   architecture with the same vocabulary from random weights, with identical settings and
+   seeds (``moetrain.tasks.glue.finetune``).
+3. Write ``results.json`` and ``results.md`` (a table) in ``--out`` and print the table.
+
+The shared data is read in place (never copied). When ``../shared/data`` (or ``--shared``)
+lacks any of the inputs, the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NEEDED = ["gutenberg-nltk-prose", "wikitext-2-raw-valid-test", "glue-rte/train.jsonl", "glue-rte/val.jsonl",
+          "glue-mrpc/train.tsv", "glue-mrpc/dev.tsv"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench-electra-glue"), help="output directory")
+    p.add_argument("--shared", default=str(REPO_ROOT.parent / "shared" / "data"), help="shared data directory")
+    p.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
+    p.add_argument("--batch-size", type=int, default=16, help="pretraining sequences per step (default 16)")
+    p.add_argument("--seq-length", type=int, default=128, help="pretraining sequence length (default 128)")
+    p.add_argument("--estimator", default="switch", help="router gradient estimator (default switch)")
+    p.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per setting (default 2)")
+    p.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs (default 2)")
+    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest on a shared CPU)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 30 steps, 300 training examples, 1 seed")
+    return p.parse_args(argv)
+
+
+def pretrain(args, out: Path, shared: Path):
+    from moetrain.config import load_config, save_config
+    from moetrain.train.trainer import train
+
+    files = f"{shared}/gutenberg-nltk-prose/*.txt,{shared}/wikitext-2-raw-valid-test/wiki.*.raw"
+    overrides = [
+        "model.d_model=64", "model.d_ff=256", "model.d_kv=32", "model.num_heads=2", "model.num_layers=4",
+        "model.vocab_size=8192", "moe.num_experts=8", f"moe.estimator={args.estimator}", "data.vocab_size=8000",
+        f"data.cache_dir={out / 'cache'}", "electra.source=files", f"electra.train_files={files}",
+        "electra.encoding_errors=replace",  # chesterton-ball.txt holds 5 Latin-1 bytes ("Bruneti\xe8re")
+        f"electra.seq_length={args.seq_length}", f"electra.batch_size={args.batch_size}", "electra.valid_sequences=256",
+        "electra.generator_width_fraction=0.5", f"train.max_steps={args.steps}", "train.lr=1e-3",
+        f"train.warmup_steps={max(1, args.steps // 10)}", "train.schedule=linear", "train.log_every=25",
+        "train.eval_every=0", "train.save_every=0", "train.keep_last=1",
+    ]
+    cfg = load_config(REPO_ROOT / "configs" / "electra_tiny.yaml", overrides)
+    run = out / "pretrain"
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    t0 = time.perf_counter()
+    train(cfg, run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["type"] == "eval"][-1]
+    first = next(r for r in records if r["type"] == "train")
+    return run, {"seconds": time.perf_counter() - t0, "steps": args.steps, "first_train": first, "final_eval": final}
+
+
+def finetune_all(args, out: Path, shared: Path, pretrained: Path) -> dict:
+    from moetrain.config import load_config
+    from moetrain.tasks.glue import finetune
+
+    files = {"rte": ("glue-rte/train.jsonl", "glue-rte/val.jsonl"),
+             "mrpc": ("glue-mrpc/train.tsv", "glue-mrpc/dev.tsv")}
+    results = {}
+    for task, (train_file, dev_file) in files.items():
+        for init in ("pretrained", "random"):
+            overrides = [f"glue.pretrained={pretrained}", f"glue.random_init={init == 'random'}",
+                         f"glue.train_file={shared / train_file}", f"glue.dev_file={shared / dev_file}",
+                         f"glue.num_seeds={1 if args.quick else args.seeds}", f"glue.epochs={args.epochs}",
+                         f"glue.lr={args.lr}", "glue.batch_size=32", "glue.max_length=128"]
+            if args.quick:
+                overrides += ["glue.max_train_examples=300", "glue.max_dev_examples=200"]
+            cfg = load_config(REPO_ROOT / "configs" / f"glue_{task}.yaml", overrides)
+            t0 = time.perf_counter()
+            report = finetune(cfg, out / f"{task}-{init}")
+            report["seconds"] = time.perf_counter() - t0
+            results[f"{task}/{init}"] = report
+    return results
+
+
+def table(pre: dict, results: dict) -> str:
+    ev = pre["final_eval"]
+    lines = [
+        f"Pretraining: {pre['steps']} steps in {pre['seconds'] / 60:.1f} min; validation RTD accuracy "
+        f"{ev['rtd_accuracy']:.4f} (all-original baseline {ev['rtd_baseline_accuracy']:.4f}), generator MLM "
+        f"accuracy {ev['generator_accuracy']:.4f}, MLM loss {pre['first_train']['mlm_loss']:.2f} -> "
+        f"{ev['mlm_loss']:.2f}",
+        "",
+        "| task | metric | majority class | random init (mean ± std) | pretrained (mean ± std) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in ("rte", "mrpc"):
+        pre_r, rnd_r = results[f"{task}/pretrained"], results[f"{task}/random"]
+        for metric in (["accuracy"] if task == "rte" else ["f1", "accuracy"]):
+            p, r = pre_r["summary"][metric], rnd_r["summary"][metric]
+            lines.append(f"| {task.upper()} | {metric} | {pre_r['majority_baseline'][metric]:.4f} | "
+                         f"{r['mean']:.4f} ± {r['std']:.4f} | {p['mean']:.4f} ± {p['std']:.4f} | {p['n']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    shared = Path(args.shared).resolve()
+    missing = [n for n in NEEDED if not (shared / n).exists()]
+    if missing:
+        print(f"electra_glue benchmark skipped: {shared} lacks {', '.join(missing)}")
+        return 0
+    if args.quick:
+        args.steps, args.seeds, args.epochs = 30, 1, 1.0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    run, pre = pretrain(args, out, shared)
+    results = finetune_all(args, out, shared, run)
+    text = table(pre, results)
+    summary = {"args": vars(args), "pretraining": pre, "total_seconds": time.perf_counter() - t0,
+               "finetuning": {k: {"summary": v["summary"], "majority_baseline": v["majority_baseline"],
+                                  "seconds": v["seconds"], "start": v["start"]} for k, v in results.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+    print(f"total {summary['total_seconds'] / 60:.1f} min; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    sys.exit(main())
