@@ -563,43 +563,8 @@ class RunConfig:
 # Presets: dotted overrides applied before the file's own keys.
 # ---------------------------------------------------------------------------
 
-# Published Switch-Base sizes (Fedus et al. 2021; HF google/switch-base-N): T5-Base dims.
-_SWITCH_BASE = {
-    "model.vocab_size": 32128,
-    "model.d_model": 768,
-    "model.d_ff": 3072,
-    "model.d_kv": 64,
-    "model.num_heads": 12,
-    "model.num_layers": 12,
-    "model.num_decoder_layers": 12,
-    "moe.sparse_step": 2,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Minutes on a laptop CPU: tests, the demo and smoke runs.
-    "switch-tiny": {
-        "model.d_model": 64,
-        "model.d_ff": 128,
-        "model.d_kv": 16,
-        "model.num_heads": 4,
-        "model.num_layers": 2,
-        "model.num_decoder_layers": 2,
-        "moe.num_experts": 8,
-        "moe.sparse_step": 2,
-    },
-    **{f"switch-base-{n}": {**_SWITCH_BASE, "moe.num_experts": n} for n in (8, 16, 32, 64, 128)},
-    # Transformer-base for WMT'14 En-De (6+6 layers), every other FFN sparse; the number of
-    # experts is left to the recipe.
-    "wmt14-6-6": {
-        "model.d_model": 512,
-        "model.d_ff": 2048,
-        "model.d_kv": 64,
-        "model.num_heads": 8,
-        "model.num_layers": 6,
-        "model.num_decoder_layers": 6,
-        "moe.sparse_step": 2,
-    },
-}
+# Named sizes live with the models (one table); importing them pulls in no torch.
+from moetrain.models.presets import PRESETS  # noqa: E402
 
 # Used when moetrain.moe.estimators cannot be imported (e.g. while it is being written).
 _FALLBACK_ESTIMATORS = ("switch", "topk", "sparsemixer", "sparsemixer_v2", "st", "stgs", "reinmax")
