@@ -209,14 +209,29 @@ register_command(
     "validation, checkpoints and metrics in the run directory. For several ranks launch "
     "`deepspeed --module moetrain.cli train CONFIG --output-dir DIR`.",
     add_run_arguments, work_command("moetrain.train.trainer:main_train", "train"))
+def _checkpoint_command(module: str, name: str) -> tuple[Callable, Callable]:
+    """(add_arguments, run) of a command that takes a checkpoint rather than a recipe."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        _resolve(f"{module}:add_{name}_arguments", name)(parser)
+
+    def run(args: argparse.Namespace) -> int | None:
+        return _resolve(f"{module}:main_{name}", name)(args)
+
+    return add_arguments, run
+
+
 register_command(
-    "evaluate", "score a checkpoint (loss, BLEU)",
-    "Evaluate a trained translation model on the validation or test data: loss and BLEU.",
-    add_run_arguments, work_command("moetrain.tasks.translation:main_evaluate", "evaluate"))
+    "evaluate", "score a checkpoint: sacreBLEU on a test set",
+    "Translate a test set with beam search and print detokenised sacreBLEU with its signature "
+    "(optionally tokenised BLEU with compound splitting); metrics are also written as JSON. "
+    "CHECKPOINT is a run directory, a checkpoint, a portable checkpoint or an HF directory.",
+    *_checkpoint_command("moetrain.tasks.translation", "evaluate"))
 register_command(
-    "translate", "translate text with a trained model",
-    "Translate with beam search (train.beam_size, train.length_penalty, train.max_decode_length).",
-    add_run_arguments, work_command("moetrain.tasks.translation:main_translate", "translate"))
+    "translate", "translate a file with a trained model",
+    "Translate a file line by line with beam search (the checkpoint's train.beam_size, "
+    "train.length_penalty, train.max_decode_length unless overridden).",
+    *_checkpoint_command("moetrain.tasks.translation", "translate"))
 register_command(
     "export", "export to a Hugging Face SwitchTransformers directory",
     "Export a checkpoint to a stock Hugging Face SwitchTransformers directory "
@@ -242,8 +257,13 @@ register_command(
 # ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per entry of :data:`COMMANDS`.
+
+    With ``only``, just that command's options are defined: some commands take their
+    options from modules that import torch (seconds), which `--help` and the other
+    commands should not pay for.
+    """
     parser = argparse.ArgumentParser(
         prog="moetrain",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=32),
@@ -257,15 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, command in COMMANDS.items():
         child = sub.add_parser(name, help=command.help, description=command.description)
-        command.add_arguments(child)
+        if only is None or name == only:
+            command.add_arguments(child)
         child.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    tokens = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=next((t for t in tokens if t in COMMANDS), None))
+    args = parser.parse_args(tokens)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
