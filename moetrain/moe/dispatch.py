@@ -75,9 +75,9 @@ class LocalDispatcher:
         counts_all = torch.bincount(flat, minlength=self.num_experts + 1)
         counts_before_drop = counts_all[: self.num_experts]
         num_routes = int(counts_before_drop.sum())
-        order = torch.sort(flat, stable=True).indices[:num_routes]
+        sorted_ids, order = torch.sort(flat, stable=True)
+        sorted_ids, order = sorted_ids[:num_routes], order[:num_routes]
         if capacity is not None and num_routes > 0:
-            sorted_ids = flat[order]
             starts = torch.cumsum(counts_before_drop, 0) - counts_before_drop
             position = torch.arange(num_routes, device=flat.device) - starts[sorted_ids]
             keep = position < capacity
@@ -95,16 +95,60 @@ class LocalDispatcher:
         """Inverse of the exchange part of :meth:`dispatch` (identity when local)."""
         return y
 
-    def combine(self, y_sorted: Tensor, weights: Tensor, plan: DispatchPlan) -> Tensor:
-        """``out[t] = sum_k weights[t, k] * expert_out[route(t, k)]``; dropped routes add 0.
+    def combine(self, y_sorted: Tensor, weights: Tensor, plan: DispatchPlan, channel_scale: Tensor | None = None) -> Tensor:
+        """``out[t] = scale * sum_k weights[t, k] * expert_out[route(t, k)]``; dropped routes add 0.
 
         Args:
             y_sorted: ``[R, D]`` expert outputs in plan order.
             weights: ``[T, K]`` combine weights (any float dtype; cast to ``y``'s).
+            channel_scale: optional ``[D]`` per-channel output scale (SparseMixer's omega),
+                applied here rather than by the caller to save a pass and a ``[T, D]``
+                temporary in forward and two in backward.
         """
         route_weight = weights.t().reshape(-1).index_select(0, plan.route_index).to(y_sorted.dtype)
-        out = y_sorted.new_zeros(plan.num_tokens, y_sorted.shape[-1])
-        return out.index_add(0, plan.token_index, y_sorted * route_weight.unsqueeze(-1))
+        if channel_scale is not None:
+            channel_scale = channel_scale.to(y_sorted.dtype)
+        return _WeightedScatterAdd.apply(y_sorted, route_weight, channel_scale, plan.token_index, plan.num_tokens)
+
+
+class _WeightedScatterAdd(torch.autograd.Function):
+    """``out = zeros(T, D); out[token_index[r]] += weight[r] * y[r]; out *= scale`` by hand.
+
+    Under autograd, ``zeros.index_add(..., y * w)`` copies the zeros once more
+    (out-of-place ``index_add``), and its backward makes three ``[R, D]`` tensors
+    (the gathered gradient, ``grad * w`` and ``grad * y``); a separate ``out * scale``
+    adds three ``[T, D]`` ones. Here the gradient is gathered once and scaled in
+    place. On the 2-core CPU a fresh ``[T, D]`` tensor costs more to page in than
+    the arithmetic on it.
+
+    Gradients, with ``G = grad_out[token_index]`` (``[R, D]``) and ``s`` the scale:
+    ``d/dy[r] = w[r] * (G[r] * s)``, ``d/dw[r] = <G[r] * s, y[r]>``,
+    ``d/ds = sum_r w[r] * G[r] * y[r]``.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, scale: Tensor | None, token_index: Tensor, num_tokens: int) -> Tensor:
+        ctx.save_for_backward(y, weight, scale, token_index)
+        out = y.new_zeros(num_tokens, y.shape[-1])
+        out.index_add_(0, token_index, y * weight.unsqueeze(-1))
+        return out if scale is None else out.mul_(scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        y, weight, scale, token_index = ctx.saved_tensors
+        need_y, need_weight, need_scale = ctx.needs_input_grad[:3]
+        grad_rows = grad_out.index_select(0, token_index)
+        grad_scale = None
+        if scale is not None:
+            if need_scale:
+                grad_scale = torch.einsum("rd,rd,r->d", grad_rows, y, weight)
+            grad_rows.mul_(scale)
+        # Row-wise dot <grad, y>: einsum runs it as a batched matmul, 2x faster than
+        # (grad * y).sum(-1), which makes an [R, D] temporary.
+        grad_weight = torch.einsum("rd,rd->r", grad_rows, y) if need_weight else None
+        grad_y = grad_rows.mul_(weight.unsqueeze(-1)) if need_y else None
+        return grad_y, grad_weight, grad_scale, None, None
 
 
 class _AllToAll(torch.autograd.Function):

@@ -206,9 +206,7 @@ class MoELayer(DeepSpeedMoE):
         plan = self.dispatcher.plan(routing.expert_ids, capacity, valid)
         rows, counts = self.dispatcher.dispatch(x_flat, plan)
         out_rows = self.dispatcher.undispatch(self.experts(rows, counts), plan)
-        y = self.dispatcher.combine(out_rows, routing.weights, plan)
-        if routing.channel_scale is not None:
-            y = y * routing.channel_scale.to(y.dtype)
+        y = self.dispatcher.combine(out_rows, routing.weights, plan, routing.channel_scale)
         return y.reshape(shape), self._stats(logits, routing, plan, valid)
 
     def _stats(self, logits, routing, plan, valid) -> MoEStats:

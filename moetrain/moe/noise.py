@@ -10,8 +10,12 @@ gets the same draws whichever rank holds it, so expert parallelism 2 computes
 exactly what one process computes, and a resumed run replays the same noise.
 
 The hash is a few rounds of a 32-bit integer mixer evaluated in int64 torch
-arithmetic (multipliers below 2**31 so no product overflows int64). It is not
-cryptographic; it only has to look uniform and be reproducible everywhere.
+arithmetic (multipliers below 2**31 so no product overflows int64; int32 would
+need wrapping multiplication, which torch does not promise on every device). It
+is not cryptographic; it only has to look uniform and be reproducible everywhere.
+Everything that does not depend on the column (seed, step, layer, stream, token)
+is hashed once per token into a row key, each column once into a column key; the
+``[T, C]`` grid then only runs two multiply-xorshift rounds on ``row ^ column``.
 
 Shapes: T tokens, C columns (experts, or channels for input jitter).
 """
@@ -55,6 +59,16 @@ def _mix32(x: Tensor, rounds: int = 3) -> Tensor:
     return x
 
 
+# On the CPU the [T, C] grid is hashed in blocks of about this many elements. One
+# block's int64 temporaries (256 KiB) stay in cache and are recycled by the
+# allocator; hashing the whole grid at once streams every op through memory and
+# maps fresh pages for each 16 MB temporary (input jitter at T=4096, C=512 took
+# ~45 ms that way, ~6 ms in blocks). A block of 2**15 elements is also torch's
+# grain size, so each op runs on one thread without waking the others. GPUs get
+# the whole grid in one go (a launch per block would cost more than it saves).
+_CPU_BLOCK_ELEMENTS = 2**15
+
+
 def counter_uniform(
     seed: int,
     step: int,
@@ -68,27 +82,62 @@ def counter_uniform(
 
     ``token_ids`` are *global* token indices (int64, shape ``[T]``); the same id
     always gets the same row of draws for a given (seed, step, layer, stream).
+    float32 draws are odd multiples of 2**-24 (23 random bits), float64 draws odd
+    multiples of 2**-53 (52 bits); narrower dtypes are rounded float32 draws.
     """
     device = token_ids.device
     tok = token_ids.to(torch.int64).reshape(-1, 1)
-    # Hash the per-token prefix once ([T, 1]); only the last round runs on [T, C].
+    # Row keys [T, 1]: everything but the column, hashed once per token.
     h = torch.full((1, 1), seed & _MASK32, dtype=torch.int64, device=device)
     for value in (step, layer, stream):
         h = _mix32(h ^ _mix32(torch.full_like(h, (value & _MASK32) + 0x9E3779B9)))
     # Tokens may exceed 2**32 in very long runs: fold the high half in separately.
     h = _mix32(h ^ _mix32(tok & _MASK32))
-    h = _mix32(h ^ _mix32((tok >> 32) + 0x3C6EF372))
-    col = torch.arange(num_cols, dtype=torch.int64, device=device).reshape(1, -1)
-    h = _mix32(h ^ _mix32(col + 0x2545F491), rounds=2)
-    if dtype != torch.float64:
-        # 24 bits are all a float32 can hold.
-        return (((h >> 8).to(dtype) + 0.5) * (1.0 / 16777216.0)).to(dtype)
-    # A second, chained word gives 53 bits for float64 users.
-    h2 = _mix32(h + 0x6A09E667)
-    hi = (h >> 5).to(torch.float64)  # 27 bits
-    lo = (h2 >> 6).to(torch.float64)  # 26 bits
-    u = (hi * 67108864.0 + lo + 0.5) / 9007199254740992.0  # (x + 0.5) / 2**53
-    return u.to(dtype)
+    row_key = _mix32(h ^ _mix32((tok >> 32) + 0x3C6EF372))
+    col_key = _mix32(torch.arange(num_cols, dtype=torch.int64, device=device).reshape(1, -1) + 0x2545F491)
+
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(tok.shape[0], num_cols, dtype=wide, device=device)
+    rows = tok.shape[0]
+    if device.type == "cpu":
+        rows = max(1, _CPU_BLOCK_ELEMENTS // max(num_cols, 1))
+    for start in range(0, tok.shape[0], rows):
+        _fill_uniform(row_key[start : start + rows], col_key, out[start : start + rows])
+    if dtype in (torch.float32, torch.float64):
+        return out
+    # Narrower dtypes are rounded from float32 (the hash words overflow float16 and
+    # collapse to a few values in bfloat16); rounding can reach 0 or 1, so clamp:
+    # U = 1 makes Exp = -log U zero and the Gumbel +inf, which would pick that expert
+    # whatever its logit (even a masked one) and give NaNs in STGS.
+    finfo = torch.finfo(dtype)
+    return out.to(dtype).clamp(min=finfo.tiny, max=1.0 - finfo.eps / 2)
+
+
+def _fill_uniform(row_key: Tensor, col_key: Tensor, out: Tensor) -> None:
+    """Write the draws of the grid ``row_key [t, 1] x col_key [1, C]`` into ``out [t, C]``.
+
+    Two multiply-xorshift rounds of a 32-bit mixer (as in :func:`_mix32`) on
+    ``row ^ col``, in place on one int64 buffer. The keys are already well mixed,
+    so the grid needs no more rounds than this; the high bits of the final word,
+    which depend on every input bit, become the draw.
+    """
+    w = torch.bitwise_xor(row_key, col_key)
+    w.mul_(_M1).bitwise_and_(_MASK32)
+    w.bitwise_xor_(w >> 15)
+    w.mul_(_M2).bitwise_and_(_MASK32)
+    w.bitwise_xor_(w >> 16)
+    if out.dtype == torch.float64:
+        # A second, chained word: 26 + 26 bits.
+        w2 = torch.bitwise_xor(w, 0x6A09E667).mul_(_M3).bitwise_and_(_MASK32)
+        w2.bitwise_xor_(w2 >> 15)
+        w.bitwise_right_shift_(6).bitwise_left_shift_(26).bitwise_or_(w2.bitwise_right_shift_(6))
+        # x (52 bits) -> 2x + 1 (53 bits, exact in float64) -> (x + 0.5) / 2**52.
+        out.copy_(w.bitwise_left_shift_(1).bitwise_or_(1)).mul_(2.0**-53)
+    else:
+        # Top 23 bits x -> 2x + 1 (24 bits, exact in float32) -> (x + 0.5) / 2**23, which lies
+        # in [2**-24, 1 - 2**-24]: never 0 or 1. (x + 0.5 with a 24-bit x needs a 25th bit:
+        # the largest x would round to exactly 1.0.)
+        torch.mul(w.bitwise_right_shift_(8).bitwise_or_(1), 2.0**-24, out=out)
 
 
 @dataclass

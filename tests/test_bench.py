@@ -1,0 +1,78 @@
+"""`moetrain bench moe-layer` in --quick mode: it runs end to end and writes well-formed records.
+
+No speed assertions: timings on a shared CPU are noise at these sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moetrain.bench import moe_layer
+
+QUICK_EXPERTS = moe_layer.QUICK["experts"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One standalone ``python -m moetrain.bench.moe_layer --quick`` run (about 10 s)."""
+    out = tmp_path_factory.mktemp("bench") / "moe_layer.json"
+    # One thread: these tensors are tiny, and a second intra-op thread only adds
+    # synchronisation (10-50x slower small ops on a busy 2-core machine).
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetrain.bench.moe_layer", "--quick", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_json_has_one_record_per_implementation_and_expert_count(quick_run):
+    _, records = quick_run
+    assert isinstance(records, list)
+    assert {(r["impl"], r["num_experts"]) for r in records} == {
+        (impl, e) for impl in moe_layer.IMPLS for e in QUICK_EXPERTS}
+    assert len(records) == len(moe_layer.IMPLS) * len(QUICK_EXPERTS)
+    assert set(moe_layer.IMPLS) == {"moetrain-switch", "moetrain-sparsemixer", "deepspeed", "hf", "dense",
+                                    "experts-alone"}
+
+
+def test_records_have_positive_numbers_and_ratios_to_the_same_runs_dense(quick_run):
+    _, records = quick_run
+    for r in records:
+        assert set(r) == {"impl", "num_experts", "ms", "peak_mb", "ratio_to_dense"}, r
+        assert isinstance(r["num_experts"], int)
+        for key in ("ms", "peak_mb", "ratio_to_dense"):
+            assert isinstance(r[key], float) and r[key] > 0, r
+    dense = {r["num_experts"]: r["ms"] for r in records if r["impl"] == "dense"}
+    for r in records:
+        assert r["ratio_to_dense"] == pytest.approx(r["ms"] / dense[r["num_experts"]], rel=1e-2)
+        if r["impl"] == "dense":
+            assert r["ratio_to_dense"] == 1.0
+
+
+def test_prints_threads_the_table_and_the_memory_sweep(quick_run):
+    stdout, _ = quick_run
+    assert "1 intra-op threads" in stdout
+    for impl in moe_layer.IMPLS:
+        assert impl in stdout
+    assert "peak extra memory" in stdout
+    tokens = moe_layer.QUICK["tokens"]
+    assert all(str(t) in stdout for t in (tokens // 4, tokens // 2, tokens))
+
+
+def test_cli_arguments_and_defaults():
+    parser = argparse.ArgumentParser()
+    moe_layer.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.experts, args.tokens, args.d_model, args.d_ff) == ([8, 32, 128], 4096, 512, 2048)
+    assert args.json is None and args.quick is False and args.threads is None
+    args = parser.parse_args(["--experts", "4", "16", "--json", "out.json", "--quick", "--threads", "2"])
+    assert args.experts == [4, 16] and args.json == "out.json" and args.quick and args.threads == 2
+    # moetrain's CLI builds its own parser without --quick / --threads: main() must not need them.
+    settings = moe_layer._settings(argparse.Namespace(experts=[8], tokens=64, d_model=16, d_ff=32, repeats=3,
+                                                       json=None))
+    assert settings == dict(experts=[8], tokens=64, d_model=16, d_ff=32, repeats=3)
