@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: venv
 	$(BIN)/moetrain train configs/demo.yaml
