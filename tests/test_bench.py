@@ -6,11 +6,14 @@ No speed assertions: timings on a shared CPU are noise at these sizes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import subprocess
+import runpy
 import sys
 
 import pytest
+import torch
 
 from moetrain.bench import moe_layer
 
@@ -19,15 +22,21 @@ QUICK_EXPERTS = moe_layer.QUICK["experts"]
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One standalone ``python -m moetrain.bench.moe_layer --quick`` run (about 10 s)."""
+    """One ``moetrain bench moe-layer --quick --threads 1`` run, in process (a few seconds)."""
     out = tmp_path_factory.mktemp("bench") / "moe_layer.json"
+    parser = argparse.ArgumentParser()
+    moe_layer.add_arguments(parser)
     # One thread: these tensors are tiny, and a second intra-op thread only adds
     # synchronisation (10-50x slower small ops on a busy 2-core machine).
-    proc = subprocess.run(
-        [sys.executable, "-m", "moetrain.bench.moe_layer", "--quick", "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout, json.loads(out.read_text())
+    args = parser.parse_args(["--quick", "--threads", "1", "--json", str(out)])
+    threads = torch.get_num_threads()
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            assert moe_layer.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets it for the whole process
+    return stdout.getvalue(), json.loads(out.read_text())
 
 
 def test_json_has_one_record_per_implementation_and_expert_count(quick_run):
@@ -76,3 +85,16 @@ def test_cli_arguments_and_defaults():
     settings = moe_layer._settings(argparse.Namespace(experts=[8], tokens=64, d_model=16, d_ff=32, repeats=3,
                                                        json=None))
     assert settings == dict(experts=[8], tokens=64, d_model=16, d_ff=32, repeats=3)
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy on an imported module
+def test_runs_standalone(monkeypatch, capsys):
+    """``python -m moetrain.bench.moe_layer`` has its own parser (run in process; --help exits
+    before any work)."""
+    monkeypatch.setattr(sys, "argv", ["moe_layer", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("moetrain.bench.moe_layer", run_name="__main__")
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--experts", "--tokens", "--d-model", "--d-ff", "--repeats", "--threads", "--quick", "--json"):
+        assert option in help_text

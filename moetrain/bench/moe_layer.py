@@ -281,8 +281,25 @@ def peak_extra_bytes(run: Callable[[], None]) -> int:
     return peak
 
 
-def measure(cases: list[Case], repeats: int, progress) -> dict[str, tuple[float, float]]:
-    """``{impl: (median ms, peak MB)}`` for cases measured side by side."""
+@dataclass
+class Result:
+    """One implementation at one expert count: median and fastest step (ms), peak extra MB."""
+
+    impl: str
+    num_experts: int
+    ms: float
+    min_ms: float
+    peak_mb: float
+    ratio_to_dense: float = 0.0
+
+    def record(self) -> dict:
+        """The JSON record (the median is *the* time; the minimum is only printed)."""
+        return dict(impl=self.impl, num_experts=self.num_experts, ms=round(self.ms, 3),
+                    peak_mb=round(self.peak_mb, 3), ratio_to_dense=round(self.ratio_to_dense, 4))
+
+
+def measure(cases: list[Case], num_experts: int, repeats: int, progress) -> list[Result]:
+    """Time and memory of cases measured side by side, in :data:`IMPLS` order."""
     for case in cases:  # warm-up: first-touch of weights, allocator and kernel caches
         time_step(case)
         progress.update()
@@ -290,15 +307,18 @@ def measure(cases: list[Case], repeats: int, progress) -> dict[str, tuple[float,
     for round_ in range(repeats):
         shift = round_ % len(cases)
         for case in cases[shift:] + cases[:shift]:
-            times[case.impl].append(time_step(case))
+            times[case.impl].append(1e3 * time_step(case))
             progress.update()
     results = {}
     for case in cases:
         peak = peak_extra_bytes(case.run)
         case.clear_grads()
         progress.update()
-        results[case.impl] = (1e3 * statistics.median(times[case.impl]), peak / 2**20)
-    return results
+        results[case.impl] = Result(case.impl, num_experts, statistics.median(times[case.impl]),
+                                    min(times[case.impl]), peak / 2**20)
+    for result in results.values():
+        result.ratio_to_dense = result.ms / results["dense"].ms
+    return [results[impl] for impl in IMPLS]
 
 
 def memory_sweep(layer: MoELayer, token_counts: list[int], d_model: int, progress) -> dict[int, float]:
@@ -340,16 +360,21 @@ def _load_note(when: str) -> str:
     return note
 
 
-def print_tables(records: list[dict], sweep: dict[int, dict[int, float]], out=sys.stdout) -> None:
-    bound = {r["num_experts"]: r["ms"] for r in records if r["impl"] == "experts-alone"}
-    print(f"\n{'E':>5}  {'implementation':<22}{'ms':>10}{'x dense':>9}{'x experts-alone':>17}{'peak MB':>10}", file=out)
+def print_tables(results: list[Result], sweep: dict[int, dict[int, float]], out=None) -> None:
+    out = out or sys.stdout
+    bound = {r.num_experts: r for r in results if r.impl == "experts-alone"}
+    print(f"\n{'E':>5}  {'implementation':<22}{'ms':>9}{'x dense':>9}{'x experts-alone':>17}"
+          f"{'min ms':>9}{'min x alone':>13}{'peak MB':>10}", file=out)
     last_e = None
-    for r in records:
-        if last_e is not None and r["num_experts"] != last_e:
+    for r in results:
+        if last_e is not None and r.num_experts != last_e:
             print(file=out)
-        last_e = r["num_experts"]
-        print(f"{r['num_experts']:>5}  {r['impl']:<22}{r['ms']:>10.1f}{r['ratio_to_dense']:>8.2f}x"
-              f"{r['ms'] / bound[r['num_experts']]:>16.2f}x{r['peak_mb']:>10.1f}", file=out)
+        last_e = r.num_experts
+        alone = bound[r.num_experts]
+        print(f"{r.num_experts:>5}  {r.impl:<22}{r.ms:>9.1f}{r.ratio_to_dense:>8.2f}x{r.ms / alone.ms:>16.2f}x"
+              f"{r.min_ms:>9.1f}{r.min_ms / alone.min_ms:>12.2f}x{r.peak_mb:>10.1f}", file=out)
+    print("(ms: median step; ratios from medians of the same run; min: the fastest step, least disturbed "
+          "by other processes)", file=out)
     token_counts = sorted(next(iter(sweep.values()))) if sweep else []
     if token_counts:
         print("\nmoetrain-switch peak extra memory (MB; includes the experts' weight gradients) by tokens:", file=out)
@@ -375,27 +400,21 @@ def main(args: argparse.Namespace) -> int:
     print(_load_note("at start"))
 
     per_e = len(IMPLS) * (1 + repeats + 1) + len(sweep_tokens)
-    records: list[dict] = []
+    results: list[Result] = []
     sweep: dict[int, dict[int, float]] = {}
     with tqdm(total=per_e * len(experts), desc="moe-layer", unit="step", file=sys.stderr, mininterval=1.0) as progress:
         for num_experts in experts:
             progress.set_postfix_str(f"E={num_experts}")
             cases, switch = build_cases(num_experts, tokens, d_model, d_ff)
-            results = measure(cases, repeats, progress)
-            dense_ms = results["dense"][0]
-            for impl in IMPLS:
-                ms, peak_mb = results[impl]
-                records.append(dict(impl=impl, num_experts=num_experts, ms=round(ms, 3),
-                                    peak_mb=round(peak_mb, 3), ratio_to_dense=round(ms / dense_ms, 4)))
+            results += measure(cases, num_experts, repeats, progress)
             sweep[num_experts] = memory_sweep(switch, sweep_tokens, d_model, progress)
-            del cases, switch
-            gc.collect()
+            del cases, switch  # free this E's layers before building the next (1 GB of weights at E=128)
 
-    print_tables(records, sweep)
+    print_tables(results, sweep)
     print("\n" + _load_note("at end"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+            json.dump([r.record() for r in results], f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 
