@@ -9,13 +9,13 @@ rank and is not saved in DeepSpeed checkpoints. With counter-based noise a token
 gets the same draws whichever rank holds it, so expert parallelism 2 computes
 exactly what one process computes, and a resumed run replays the same noise.
 
-The hash is a few rounds of a 32-bit integer mixer evaluated in int64 torch
-arithmetic (multipliers below 2**31 so no product overflows int64; int32 would
-need wrapping multiplication, which torch does not promise on every device). It
-is not cryptographic; it only has to look uniform and be reproducible everywhere.
+The hash is a few rounds of a 32-bit integer mixer (multiply, xor-shift). It is
+not cryptographic; it only has to look uniform and be reproducible everywhere.
 Everything that does not depend on the column (seed, step, layer, stream, token)
-is hashed once per token into a row key, each column once into a column key; the
-``[T, C]`` grid then only runs two multiply-xorshift rounds on ``row ^ column``.
+is hashed once per token into a row key, each column once into a column key
+(int64 arithmetic, multipliers below 2**31 so no product overflows); the
+``[T, C]`` grid then only runs two multiply-xorshift rounds on ``row ^ column``,
+in int32 (see :func:`_fill_uniform`).
 
 Shapes: T tokens, C columns (experts, or channels for input jitter).
 """
@@ -59,14 +59,15 @@ def _mix32(x: Tensor, rounds: int = 3) -> Tensor:
     return x
 
 
-# On the CPU the [T, C] grid is hashed in blocks of about this many elements. One
-# block's int64 temporaries (256 KiB) stay in cache and are recycled by the
-# allocator; hashing the whole grid at once streams every op through memory and
-# maps fresh pages for each 16 MB temporary (input jitter at T=4096, C=512 took
-# ~45 ms that way, ~6 ms in blocks). A block of 2**15 elements is also torch's
-# grain size, so each op runs on one thread without waking the others. GPUs get
-# the whole grid in one go (a launch per block would cost more than it saves).
+# On the CPU the [T, C] grid is hashed in blocks of this many elements. A block's
+# temporaries (128 KiB) stay in cache and are recycled by the allocator, where
+# whole-grid ops would stream each temporary through memory and often page in
+# fresh memory for it. 2**15 elements is also torch's grain size, so every op
+# runs on one thread without waking (or, on a busy machine, waiting for) the
+# others. Input jitter at T=4096, C=512 took ~45 ms as whole-grid int64 ops and
+# takes ~7 ms this way on one core. GPUs get the whole grid in one go.
 _CPU_BLOCK_ELEMENTS = 2**15
+_INT32_MAX = 2**31 - 1
 
 
 def counter_uniform(
@@ -93,8 +94,8 @@ def counter_uniform(
         h = _mix32(h ^ _mix32(torch.full_like(h, (value & _MASK32) + 0x9E3779B9)))
     # Tokens may exceed 2**32 in very long runs: fold the high half in separately.
     h = _mix32(h ^ _mix32(tok & _MASK32))
-    row_key = _mix32(h ^ _mix32((tok >> 32) + 0x3C6EF372))
-    col_key = _mix32(torch.arange(num_cols, dtype=torch.int64, device=device).reshape(1, -1) + 0x2545F491)
+    row_key = _as_int32(_mix32(h ^ _mix32((tok >> 32) + 0x3C6EF372)))
+    col_key = _as_int32(_mix32(torch.arange(num_cols, dtype=torch.int64, device=device).reshape(1, -1) + 0x2545F491))
 
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.empty(tok.shape[0], num_cols, dtype=wide, device=device)
@@ -113,31 +114,46 @@ def counter_uniform(
     return out.to(dtype).clamp(min=finfo.tiny, max=1.0 - finfo.eps / 2)
 
 
+def _as_int32(words: Tensor) -> Tensor:
+    """32-bit words held in int64 ``[0, 2**32)`` -> the same bits as int32 (two's complement)."""
+    return (words - ((words > _INT32_MAX).to(torch.int64) << 32)).to(torch.int32)
+
+
 def _fill_uniform(row_key: Tensor, col_key: Tensor, out: Tensor) -> None:
-    """Write the draws of the grid ``row_key [t, 1] x col_key [1, C]`` into ``out [t, C]``.
+    """Write the draws of the grid ``row_key [t, 1] x col_key [1, C]`` (int32) into ``out [t, C]``.
 
     Two multiply-xorshift rounds of a 32-bit mixer (as in :func:`_mix32`) on
-    ``row ^ col``, in place on one int64 buffer. The keys are already well mixed,
+    ``row ^ col``, in place on one int32 buffer. The keys are already well mixed,
     so the grid needs no more rounds than this; the high bits of the final word,
     which depend on every input bit, become the draw.
+
+    int32, not int64: half the memory traffic, and AVX2 has a 32-bit but no 64-bit
+    vector multiply (int64 took twice as long here). torch's int32 multiplication
+    wraps modulo 2**32 (two's complement, as the hardware does on CPU and GPU), so
+    the words equal exact 32-bit arithmetic: the int64 computation
+    ``(w * m) & 0xFFFFFFFF`` gives the same bits. Right shifts of int32 copy the
+    sign bit, so each shift is masked to act as the logical shift of a uint32.
     """
     w = torch.bitwise_xor(row_key, col_key)
-    w.mul_(_M1).bitwise_and_(_MASK32)
-    w.bitwise_xor_(w >> 15)
-    w.mul_(_M2).bitwise_and_(_MASK32)
-    w.bitwise_xor_(w >> 16)
+    w.mul_(_M1)
+    w.bitwise_xor_((w >> 15).bitwise_and_(0x1FFFF))
+    w.mul_(_M2)
+    w.bitwise_xor_((w >> 16).bitwise_and_(0xFFFF))
     if out.dtype == torch.float64:
-        # A second, chained word: 26 + 26 bits.
-        w2 = torch.bitwise_xor(w, 0x6A09E667).mul_(_M3).bitwise_and_(_MASK32)
-        w2.bitwise_xor_(w2 >> 15)
-        w.bitwise_right_shift_(6).bitwise_left_shift_(26).bitwise_or_(w2.bitwise_right_shift_(6))
+        # Two 26-bit halves of a chained pair of words (int64: rarely used, cost is no issue).
+        w1 = w.to(torch.int64) & _MASK32
+        w2 = ((w1 ^ 0x6A09E667) * _M3) & _MASK32
+        w2 ^= w2 >> 15
+        x = ((w1 >> 6) << 26) | (w2 >> 6)
         # x (52 bits) -> 2x + 1 (53 bits, exact in float64) -> (x + 0.5) / 2**52.
-        out.copy_(w.bitwise_left_shift_(1).bitwise_or_(1)).mul_(2.0**-53)
-    else:
-        # Top 23 bits x -> 2x + 1 (24 bits, exact in float32) -> (x + 0.5) / 2**23, which lies
-        # in [2**-24, 1 - 2**-24]: never 0 or 1. (x + 0.5 with a 24-bit x needs a 25th bit:
-        # the largest x would round to exactly 1.0.)
-        torch.mul(w.bitwise_right_shift_(8).bitwise_or_(1), 2.0**-24, out=out)
+        out.copy_((x << 1) | 1).mul_(2.0**-53)
+        return
+    # The top 23 bits x as the mantissa of a float in [1, 2): 1 + x / 2**23. Minus
+    # (1 - 2**-24), exactly (Sterbenz), that is (x + 0.5) / 2**23 in [2**-24, 1 - 2**-24]:
+    # never 0 or 1. (Computing x + 0.5 from a 24-bit x would need a 25th bit, and the
+    # largest x would round to exactly 1.0.) Converting int -> float is slower than this.
+    w.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
+    torch.sub(w.view(torch.float32), 1.0 - 2.0**-24, out=out)
 
 
 @dataclass
