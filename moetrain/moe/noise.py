@@ -44,8 +44,8 @@ STREAM_COIN_2 = 5
 def _mix32(x: Tensor, rounds: int = 3) -> Tensor:
     """Avalanche mixing of values held in int64; result in [0, 2**32).
 
-    ``rounds=2`` is used for the last, per-column step, which runs on the full
-    ``[T, C]`` grid and dominates the cost (input jitter has C = d_model).
+    Used for the per-token and per-column keys (small tensors); the ``[T, C]``
+    grid has its own two-round int32 version, :func:`_fill_uniform`.
     """
     x = x & _MASK32
     x = x ^ (x >> 16)
@@ -65,7 +65,7 @@ def _mix32(x: Tensor, rounds: int = 3) -> Tensor:
 # fresh memory for it. 2**15 elements is also torch's grain size, so every op
 # runs on one thread without waking (or, on a busy machine, waiting for) the
 # others. Input jitter at T=4096, C=512 took ~45 ms as whole-grid int64 ops and
-# takes ~7 ms this way on one core. GPUs get the whole grid in one go.
+# takes ~9 ms this way on one core. GPUs get the whole grid in one go.
 _CPU_BLOCK_ELEMENTS = 2**15
 _INT32_MAX = 2**31 - 1
 
