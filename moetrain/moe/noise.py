@@ -59,14 +59,14 @@ def _mix32(x: Tensor, rounds: int = 3) -> Tensor:
     return x
 
 
-# On the CPU the [T, C] grid is hashed in blocks of this many elements. A block's
-# temporaries (128 KiB) stay in cache and are recycled by the allocator, where
-# whole-grid ops would stream each temporary through memory and often page in
-# fresh memory for it. 2**15 elements is also torch's grain size, so every op
-# runs on one thread without waking (or, on a busy machine, waiting for) the
-# others. Input jitter at T=4096, C=512 took ~45 ms as whole-grid int64 ops and
-# takes ~9 ms this way on one core. GPUs get the whole grid in one go.
-_CPU_BLOCK_ELEMENTS = 2**15
+# On the CPU the [T, C] grid is hashed in blocks of this many elements per intra-op
+# thread (256 KiB of int32 per thread and temporary). A block's temporaries stay in
+# cache (L2) and are recycled by the allocator, where whole-grid ops would stream
+# each temporary through memory and often page in fresh memory for it. Input jitter
+# at T=4096, C=512 took ~45 ms as whole-grid int64 ops; in blocks it takes ~5 ms on
+# one core and ~5-7 ms on two (blocks of one grain per thread: ~12-18 ms). GPUs get
+# the whole grid in one go.
+_CPU_BLOCK_ELEMENTS_PER_THREAD = 2**16
 _INT32_MAX = 2**31 - 1
 
 
@@ -101,7 +101,7 @@ def counter_uniform(
     out = torch.empty(tok.shape[0], num_cols, dtype=wide, device=device)
     rows = tok.shape[0]
     if device.type == "cpu":
-        rows = max(1, _CPU_BLOCK_ELEMENTS // max(num_cols, 1))
+        rows = max(1, _CPU_BLOCK_ELEMENTS_PER_THREAD * torch.get_num_threads() // max(num_cols, 1))
     for start in range(0, tok.shape[0], rows):
         _fill_uniform(row_key[start : start + rows], col_key, out[start : start + rows])
     if dtype in (torch.float32, torch.float64):
