@@ -353,6 +353,11 @@ class ExportConfig:
     safe_serialization: bool = True
     """Write safetensors (true) or pickle-based ``.bin`` files (false)."""
 
+    after_train: bool = False
+    """Translation only: when ``moetrain train`` finishes, export its last checkpoint to
+    ``out_dir`` (``null``: ``<run dir>/hf``) and check that the stock HF model reproduces
+    moetrain's logits and dev-set translations (the demo turns this on)."""
+
 
 @dataclass
 class ElectraConfig:
@@ -672,6 +677,9 @@ def _validate(cfg: RunConfig, ctx: Context) -> None:
     _check_train(cfg.train, ctx.require)
     _check_parallel(cfg.parallel, cfg.moe, cfg.train, ctx.require)
     _check_export(cfg.export, ctx.require)
+    if cfg.export.after_train:
+        ctx.require(cfg.task == "translation", "export.after_train",
+                    f"is for task translation (HF SwitchTransformersForConditionalGeneration), not '{cfg.task}'")
     _check_electra(cfg, ctx.require)
     _check_glue(cfg.glue, ctx.require)
 

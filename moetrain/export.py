@@ -31,6 +31,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -408,26 +409,36 @@ def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], mode
 from moetrain.cli import add_export_arguments  # noqa: E402
 
 
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+                      max_shard_size: str | None = None) -> tuple[Path, dict[str, Tensor], Any]:
+    """Portable checkpoint (or run / step directory) -> HF directory.
+
+    Returns ``(out_dir, moetrain state dict, checkpoint's run config)`` so callers can verify.
+    """
+    portable = resolve_portable(checkpoint)
+    state_dict, cfg = load_portable(portable)
+    tokenizer = portable / PORTABLE_TOKENIZER
+    if not tokenizer.is_dir():
+        raise ExportError(f"missing tokenizer: {tokenizer} does not exist (the HF export needs it)")
+    out = out or cfg.export.out_dir
+    if out is None:
+        raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")
+    generation = {"num_beams": cfg.train.beam_size, "length_penalty": cfg.train.length_penalty,
+                  "max_length": cfg.train.max_decode_length + 1}
+    export_to_hf(state_dict, cfg.model, cfg.moe, out, tokenizer, generation,
+                 max_shard_size=max_shard_size or cfg.export.max_shard_size, source=str(portable))
+    print(f"exported {portable} -> {out} ({len(name_map(cfg.model, cfg.moe))} tensors, "
+          f"estimator {cfg.moe.estimator})")
+    return Path(out), state_dict, cfg
+
+
 def main_export(args: argparse.Namespace) -> int:
     """``moetrain export``: portable checkpoint -> HF directory. Returns the exit code."""
     from moetrain.config import ConfigError
 
     try:
-        portable = resolve_portable(args.checkpoint)
-        state_dict, cfg = load_portable(portable)
-        tokenizer = portable / PORTABLE_TOKENIZER
-        if not tokenizer.is_dir():
-            raise ExportError(f"missing tokenizer: {tokenizer} does not exist (the HF export needs it)")
-        out = getattr(args, "out", None) or cfg.export.out_dir
-        if out is None:
-            raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")
-        shard = getattr(args, "max_shard_size", None) or cfg.export.max_shard_size
-        generation = {"num_beams": cfg.train.beam_size, "length_penalty": cfg.train.length_penalty,
-                      "max_length": cfg.train.max_decode_length + 1}
-        export_to_hf(state_dict, cfg.model, cfg.moe, out, tokenizer, generation, max_shard_size=shard,
-                     source=str(portable))
-        print(f"exported {portable} -> {out} ({len(name_map(cfg.model, cfg.moe))} tensors, "
-              f"estimator {cfg.moe.estimator})")
+        out, state_dict, cfg = export_checkpoint(args.checkpoint, getattr(args, "out", None),
+                                                 getattr(args, "max_shard_size", None))
         if getattr(args, "verify", False):
             print(f"max |moetrain - HF| = {verify_export(out, state_dict, cfg.model, cfg.moe):.3g}")
         return 0

@@ -224,6 +224,13 @@ def test_validation_error_names_the_override(tmp_path):
     assert "(from --set moe.top_k=9)" in str(load_error(write(tmp_path, ""), ["moe.top_k=9"]))
 
 
+def test_export_after_train_is_for_translation(tmp_path):
+    path = write(tmp_path, "task: electra\nmodel: {arch: encoder}\nexport: {after_train: true}\n")
+    err = load_error(path)
+    assert err.key == "export.after_train" and "not 'electra'" in str(err)
+    assert load_config(write(tmp_path, "export: {after_train: true}\n", "t.yaml")).export.after_train
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     assert "cannot read config file" in str(load_error(tmp_path / "nope.yaml"))
     assert "invalid YAML" in str(load_error(write(tmp_path, "moe: {num_experts: [\n")))
@@ -258,13 +265,6 @@ def test_round_trip_does_not_depend_on_preset(tmp_path):
 def test_every_shipped_recipe_loads(path):
     cfg = load_config(path)
     assert cfg.name
-
-
-def test_demo_recipe_values():
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml")
-    assert cfg.model.preset == "switch-tiny" and cfg.data.source == "synthetic"
-    assert (cfg.moe.estimator, cfg.moe.capacity_factor) == ("sparsemixer", 1.5)
-    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.eval_every) == (3e-3, 100, 200)
 
 
 # --- conventions -------------------------------------------------------------------------------------

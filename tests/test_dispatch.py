@@ -28,10 +28,18 @@ def _one_intra_op_thread():
         (0, 4, 1.0, 0, 0),
         (7, 2, 2.0, 0, 7),
         (100, 8, None, 4, None),  # dropless: no floor either
+        (10, 11, 1.1, 0, 1),  # 10 * 1.1 / 11 is exactly 1 in decimal (1.0000000000000002 in float)
+        (3, 10, 0.1, 0, 1),  # 0.03 -> 1
     ],
 )
 def test_expert_capacity(tokens, experts, cf, floor, want):
     assert expert_capacity(tokens, experts, cf, floor) == want
+
+
+@pytest.mark.parametrize("tokens,experts,cf,k,want", [(8, 4, 1.0, 2, 4), (10, 4, 1.25, 2, 7), (6, 8, 1.0, 4, 3)])
+def test_expert_capacity_scales_with_top_k(tokens, experts, cf, k, want):
+    """GShard/DeepSpeed: k routes per token, so ceil(k * T / E * cf)."""
+    assert expert_capacity(tokens, experts, cf, 0, top_k=k) == want
 
 
 def ids(rows):

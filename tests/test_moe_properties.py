@@ -73,7 +73,7 @@ def test_layer_invariants(c):
     valid = ~pad
     n_valid = int(valid.sum())
     dense_train = layer.estimator.dense and c["training"]
-    cap = None if dense_train else expert_capacity(n_valid, c["E"], c["cf"], c["min_cap"])
+    cap = None if dense_train else expert_capacity(n_valid, c["E"], c["cf"], c["min_cap"], c["k"])
     if cap is not None:
         assert (s.tokens_per_expert <= cap).all()
     routes = n_valid * (1 if dense_train else c["k"])

@@ -1,15 +1,20 @@
 """Token-budget batching with length bucketing: deterministic, resumable, sharded over ranks.
 
-A batch holds as many sentence pairs as fit ``max_tokens`` *padded* tokens
-(``rows * (longest source + longest target)``); pairs of similar length go together so
-little of the budget is padding. The plan, as fairseq does it but without its state:
+A batch holds as many sentence pairs as fit ``max_tokens`` padded tokens; pairs of similar
+length go together so little of the budget is padding. A pair's size is its longer side
+``L = max(src, tgt)`` and a batch costs ``rows * 2 * max L``, an upper bound on its padded
+source + target tokens (``rows * (max src + max tgt)``). The plan:
 
-1. Once: sort pairs by ``(max(src, tgt), src, tgt)`` lengths and cut the sorted list
-   greedily into batches. Pairs with the same three lengths are interchangeable, so the
-   cut points depend on the lengths only.
-2. Every epoch: re-draw the order *within* each group of equal lengths (so batches hold
+1. Once: sort pairs by ``L`` and cut the sorted list greedily into batches. Pairs with the
+   same ``L`` cost the same, so they are interchangeable and the cut points depend on the
+   lengths only.
+2. Every epoch: re-draw the order *within* each group of equal ``L`` (batches hold
    different pairs each epoch while the cut points, hence the number of batches, stay
    fixed), then shuffle the batches. Both draws are a pure function of ``(seed, epoch)``.
+
+Keying on ``L`` alone, not on both lengths, also mixes pairs whose sides differ in length
+within a batch. Where the length difference carries information (a sentence type that
+always adds a word), exact ``(src, tgt)`` buckets would give batches of one kind only.
 3. Rank ``r`` of ``W`` takes batches ``r, r + W, r + 2W, ...`` of the shuffled list, which
    is first padded with empty batches to a multiple of ``W``: every rank gets the same
    number of batches per epoch, and the ranks' shards are disjoint and cover the data.
@@ -34,23 +39,29 @@ def padded_tokens(src_len: np.ndarray, tgt_len: np.ndarray) -> int:
     return int(len(src_len) * (int(np.max(src_len)) + int(np.max(tgt_len))))
 
 
-def pack_sorted(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int) -> np.ndarray:
-    """Greedy cut points over already sorted pairs.
+def pack_sorted(longest: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Greedy cut points over pairs sorted by ascending longer side ``longest``.
 
-    Returns ``bounds`` such that batch ``i`` is ``[bounds[i], bounds[i + 1])``. A pair
-    longer than the budget on its own still gets a batch (of one).
+    A batch of ``rows`` pairs costs ``rows * 2 * (its last, largest, longest)``. Returns
+    ``bounds`` such that batch ``i`` is ``[bounds[i], bounds[i + 1])``. A pair over the
+    budget on its own still gets a batch (of one).
     """
+    # With ``longest`` ascending, the cost of [start, end) grows with ``end``: binary-search
+    # the largest end that fits (one Python step per batch, not per pair).
+    longest = np.asarray(longest, dtype=np.int64)
+    n = len(longest)
     bounds = [0]
-    max_s = max_t = rows = 0
-    for i, (s, t) in enumerate(zip(src_len.tolist(), tgt_len.tolist())):
-        new_s, new_t = max(max_s, s), max(max_t, t)
-        if rows and (rows + 1) * (new_s + new_t) > max_tokens:
-            bounds.append(i)
-            max_s, max_t, rows = s, t, 1
-        else:
-            max_s, max_t, rows = new_s, new_t, rows + 1
-    if rows:
-        bounds.append(len(src_len))
+    start = 0
+    while start < n:
+        lo, hi = start + 1, n  # lo always fits (a batch holds at least one pair)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (mid - start) * 2 * int(longest[mid - 1]) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        bounds.append(lo)
+        start = lo
     return np.asarray(bounds, dtype=np.int64)
 
 
@@ -82,7 +93,7 @@ class TokenBudgetBatcher:
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self._longest = np.maximum(self.src_len, self.tgt_len)
         order = self._sorted_order(None)
-        self.bounds = pack_sorted(self.src_len[order], self.tgt_len[order], max_tokens)
+        self.bounds = pack_sorted(self._longest[order], max_tokens)
         self.num_batches = len(self.bounds) - 1
         self.per_rank = -(-self.num_batches // dp_world)  # ceil
         self._unshuffled = order
@@ -92,11 +103,10 @@ class TokenBudgetBatcher:
         return self.per_rank
 
     def _sorted_order(self, rng: np.random.Generator | None) -> np.ndarray:
-        """Indices sorted by (longest side, src, tgt); ties in random order when ``rng`` is given."""
+        """Indices sorted by the longer side; ties in random order when ``rng`` is given."""
         n = self.src_len.size
         tie = rng.random(n) if rng is not None else np.arange(n)
-        # np.lexsort sorts by the last key first.
-        return np.lexsort((tie, self.tgt_len, self.src_len, self._longest))
+        return np.lexsort((tie, self._longest))  # the last key sorts first
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches of one epoch, in order (index arrays, possibly empty)."""

@@ -1,25 +1,37 @@
 """A synthetic language pair for the built-in demo: generated offline, deterministic from a seed.
 
-The source side ("Anglish") is an SVO language with adjectives before the noun and an ``-s``
-plural. The target side ("Teutish") differs in ways a translation model has to learn:
+The source side ("Anglish") marks grammatical roles on words: plural ``-s``, accusative
+``-n`` on the object noun and on its adjective, and case-marked articles (``the``/``a`` for
+the subject, ``thon``/``anon`` for the object). The target side ("Teutish") differs in ways a
+translation model has to learn:
 
-* a bilingual lexicon maps every lemma to an unrelated target lemma;
-* target nouns have a grammatical gender (m/f/n) that is not visible in the source, and
-  determiners, adjectives and plural endings agree with it (and with number and case);
+* a bilingual lexicon maps every lemma (24 nouns, 12 verbs, 12 adjectives) to an unrelated
+  target pseudo-word;
+* target nouns have a grammatical gender (m/f/n) that the source does not show; articles,
+  adjective endings and plural endings agree with it and with number and case (nominative,
+  accusative, dative), and verbs and auxiliaries agree with the subject;
 * adjectives follow the noun;
-* each *sentence type* has its own word order::
+* each *sentence type* has its own word order and its own case assignment::
 
-      statement   the small dog sees a cat .      der hund kleiner eine katze sieht .        (verb last)
-      question    does the dog see a cat ?         sieht der hund eine katze ?                (verb first)
-      negation    the dog does not see a cat .     der hund sieht eine katze nicht .          (verb second, nicht last)
-      past        yesterday the dog saw a cat .    gestern hat der hund eine katze gesehen .  (auxiliary second)
-      list        two cats , a dog and a bird .    katzen zwo , hund ein und vogel ein .      (count after noun)
+      statement  the small dog sees thon catn .       der hund kleiner die katze sieht .        (verb last)
+      question   does the dog see anon smalln catn ?  sieht der hund eine katze kleine ?         (verb first)
+      negation   the dog does not see thon catn .     der hund sieht die katze nicht .          (verb second)
+      past       yesterday the dog saw thon catn .    gestern hat der hund die katze gesehen .  (auxiliary)
+      passive    thon catn was seen by the dog .      die katze wurde von dem hund gesehen .    (object becomes
+                                                                                                  the subject, agent dative)
 
   (English glosses here for reading; the real words are pseudo-words drawn from the seed.)
 
-The rule families share the lexicon but need different reorderings and agreement, which is
-the situation where a mixture of experts can specialise. A small model learns all of them
-to BLEU > 90 in minutes on a CPU.
+The rule families share the lexicon but need different reorderings and agreement: the
+situation where experts can specialise. Every word is one token of the trained vocabulary.
+
+Design note, learned on the demo's budget: roles are marked on the words themselves, so the
+translation never has to infer them from word order. A small T5-style model gets its only
+position signal from a few relative-position biases, which Adam moves slowly; with roles left
+to word order (plain SVO, lists in order) the demo plateaued near BLEU 55 with subject and
+object swapped, and escaped the plateau anywhere between 750 and 1500+ steps. With marked
+roles, word order is needed only between sentence-type cues and content, and training is
+smooth.
 
 Everything is a pure function of ``seed``: the lexicon (words, genders) and the sentences
 (``random.Random`` streams keyed by seed and split). Validation and test sentences never
@@ -34,9 +46,9 @@ from dataclasses import dataclass
 __all__ = ["SENTENCE_TYPES", "Lexicon", "SyntheticLanguagePair", "generate_pairs"]
 
 #: Version of the generator; part of the data fingerprint (bump when the output changes).
-VERSION = 1
+VERSION = 4
 
-SENTENCE_TYPES = ("statement", "question", "negation", "past", "list")
+SENTENCE_TYPES = ("statement", "question", "negation", "past", "passive")
 
 _SPLITS = {"train": 0, "valid": 1, "test": 2}
 
@@ -47,14 +59,19 @@ _SRC_VOWELS = "a e i o u".split()
 _TGT_ONSETS = "sch st kr pf br gl w h j ch fl tr".split()
 _TGT_VOWELS = "ä ö ü ei au ie".split()
 
-_NUMBERS_SRC = ["two", "three", "four", "five", "six"]
-_NUMBERS_TGT = ["zwo", "drei", "vier", "fünf", "sechs"]
+# Source articles by (case, definite); source lemmas end in a vowel, so the suffixes
+# (-s plural, -n accusative) never turn one lemma into another.
+_SRC_ARTICLE = {("nom", True): "the", ("nom", False): "a", ("acc", True): "thon", ("acc", False): "anon"}
+_SOURCE_FUNCTION_WORDS = {"do", "does", "not", "yesterday", "was", "by", *_SRC_ARTICLE.values()}
 
-# Target function words: definite and indefinite articles by (gender or "pl", case).
-_DEF = {("m", "nom"): "der", ("m", "acc"): "den", ("f", "nom"): "die", ("f", "acc"): "die",
-        ("n", "nom"): "das", ("n", "acc"): "das", ("pl", "nom"): "die", ("pl", "acc"): "die"}
-_INDEF = {("m", "nom"): "ein", ("m", "acc"): "einen", ("f", "nom"): "eine", ("f", "acc"): "eine",
-          ("n", "nom"): "ein", ("n", "acc"): "ein"}
+# Target articles by (gender or "pl", case); no indefinite plural.
+_DEF = {("m", "nom"): "der", ("m", "acc"): "den", ("m", "dat"): "dem",
+        ("f", "nom"): "die", ("f", "acc"): "die", ("f", "dat"): "der",
+        ("n", "nom"): "das", ("n", "acc"): "das", ("n", "dat"): "dem",
+        ("pl", "nom"): "die", ("pl", "acc"): "die", ("pl", "dat"): "den"}
+_INDEF = {("m", "nom"): "ein", ("m", "acc"): "einen", ("m", "dat"): "einem",
+          ("f", "nom"): "eine", ("f", "acc"): "eine", ("f", "dat"): "einer",
+          ("n", "nom"): "ein", ("n", "acc"): "ein", ("n", "dat"): "einem"}
 _ADJ_ENDING = {"m": "er", "f": "e", "n": "es", "pl": "en"}
 _PLURAL_ENDING = {"m": "e", "f": "en", "n": "er"}
 
@@ -71,18 +88,16 @@ class Lexicon:
     @classmethod
     def build(cls, seed: int, num_nouns: int = 24, num_verbs: int = 12, num_adjectives: int = 12) -> "Lexicon":
         rng = random.Random(seed * 7919 + 17)
-        total = num_nouns + num_verbs + num_adjectives
-        src = _unique_words(rng, _SRC_ONSETS, _SRC_VOWELS, total, reserved=_SOURCE_FUNCTION_WORDS)
-        tgt = _unique_words(rng, _TGT_ONSETS, _TGT_VOWELS, total, reserved=set())
-        pairs = list(zip(src, tgt))
-        nouns = dict(pairs[:num_nouns])
-        verbs = dict(pairs[num_nouns:num_nouns + num_verbs])
-        adjectives = dict(pairs[num_nouns + num_verbs:])
+        sizes = [num_nouns, num_verbs, num_adjectives]
+        src = _unique_words(rng, _SRC_ONSETS, _SRC_VOWELS, sum(sizes), reserved=_SOURCE_FUNCTION_WORDS)
+        tgt = _unique_words(rng, _TGT_ONSETS, _TGT_VOWELS, sum(sizes), reserved=set())
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(dict(zip(src[start:start + size], tgt[start:start + size])))
+            start += size
+        nouns, verbs, adjectives = parts
         genders = {noun: rng.choice("mfn") for noun in nouns}
         return cls(nouns, verbs, adjectives, genders)
-
-
-_SOURCE_FUNCTION_WORDS = {"the", "a", "do", "does", "not", "and", "yesterday", *_NUMBERS_SRC}
 
 
 def _unique_words(rng: random.Random, onsets: list[str], vowels: list[str], count: int,
@@ -101,10 +116,10 @@ def _unique_words(rng: random.Random, onsets: list[str], vowels: list[str], coun
 
 @dataclass
 class _NounPhrase:
-    noun: str          # source lemma
+    noun: str                 # source lemma
     plural: bool
     definite: bool
-    adjective: str | None
+    adjective: str | None     # source lemma
 
 
 class SyntheticLanguagePair:
@@ -133,88 +148,60 @@ class SyntheticLanguagePair:
         return _NounPhrase(rng.choice(self._nouns), plural, definite, adjective)
 
     @staticmethod
-    def _src_np(np_: _NounPhrase) -> list[str]:
-        words = ["the" if np_.definite else "a"]
+    def _src_np(np_: _NounPhrase, case: str) -> list[str]:
+        """``the small dogs`` / ``thon smalln dogsn``: the role is marked on every word."""
+        suffix = "n" if case == "acc" else ""
+        words = [_SRC_ARTICLE[(case, np_.definite)]]
         if np_.adjective:
-            words.append(np_.adjective)
-        words.append(np_.noun + ("s" if np_.plural else ""))
-        return words
+            words.append(np_.adjective + suffix)
+        return words + [np_.noun + ("s" if np_.plural else "") + suffix]
 
     def _tgt_np(self, np_: _NounPhrase, case: str) -> list[str]:
+        """Article (gender, number, case), noun (plural by gender), adjective (gender, number)."""
         lex = self.lexicon
         gender = lex.genders[np_.noun]
         agree = "pl" if np_.plural else gender
-        article = (_DEF if np_.definite else _INDEF)[(agree, case)]
-        noun = lex.nouns[np_.noun] + (_PLURAL_ENDING[gender] if np_.plural else "")
-        words = [article, noun]
+        words = [(_DEF if np_.definite else _INDEF)[(agree, case)],
+                 lex.nouns[np_.noun] + (_PLURAL_ENDING[gender] if np_.plural else "")]
         if np_.adjective:
             words.append(lex.adjectives[np_.adjective] + _ADJ_ENDING[agree])
         return words
-
-    def _tgt_verb(self, verb: str, plural_subject: bool) -> str:
-        return self.lexicon.verbs[verb] + ("en" if plural_subject else "t")
 
     # -- sentence types --------------------------------------------------------------
 
     def sample(self, rng: random.Random) -> tuple[str, str, str]:
         """One ``(source, target, sentence_type)``; words are separated by single spaces."""
         kind = rng.choice(SENTENCE_TYPES)
-        if kind == "list":
-            src, tgt = self._list(rng)
-        else:
-            src, tgt = self._clause(rng, kind)
+        src, tgt = self._clause(rng, kind)
         return " ".join(src), " ".join(tgt), kind
 
     def _clause(self, rng: random.Random, kind: str) -> tuple[list[str], list[str]]:
         subj, obj = self._noun_phrase(rng), self._noun_phrase(rng)
         verb = rng.choice(self._verbs)
-        s_src, o_src = self._src_np(subj), self._src_np(obj)
+        v_tgt = self.lexicon.verbs[verb]
+        participle = "ge" + v_tgt + "t"
+        if kind == "passive":        # O was Ved by S . -> O(nom) wurde(n) von S(dat) geVt .
+            src = self._src_np(obj, "acc") + ["was", verb + "ed", "by"] + self._src_np(subj, "nom") + ["."]
+            aux = "wurden" if obj.plural else "wurde"
+            tgt = self._tgt_np(obj, "nom") + [aux, "von"] + self._tgt_np(subj, "dat") + [participle, "."]
+            return src, tgt
+        s_src, o_src = self._src_np(subj, "nom"), self._src_np(obj, "acc")
         s_tgt, o_tgt = self._tgt_np(subj, "nom"), self._tgt_np(obj, "acc")
-        v_tgt = self._tgt_verb(verb, subj.plural)
+        finite = v_tgt + ("en" if subj.plural else "t")
         do = "do" if subj.plural else "does"
-        if kind == "statement":      # SVO -> S O V
+        if kind == "statement":      # S V O . -> S O V .
             src = s_src + [verb if subj.plural else verb + "s"] + o_src + ["."]
-            tgt = s_tgt + o_tgt + [v_tgt, "."]
+            tgt = s_tgt + o_tgt + [finite, "."]
         elif kind == "question":     # do S V O ? -> V S O ?
             src = [do] + s_src + [verb] + o_src + ["?"]
-            tgt = [v_tgt] + s_tgt + o_tgt + ["?"]
+            tgt = [finite] + s_tgt + o_tgt + ["?"]
         elif kind == "negation":     # S do not V O . -> S V O nicht .
             src = s_src + [do, "not", verb] + o_src + ["."]
-            tgt = s_tgt + [v_tgt] + o_tgt + ["nicht", "."]
+            tgt = s_tgt + [finite] + o_tgt + ["nicht", "."]
         else:                        # past: yesterday S Ved O . -> gestern AUX S O geVt .
             src = ["yesterday"] + s_src + [verb + "ed"] + o_src + ["."]
-            aux = "haben" if subj.plural else "hat"
-            tgt = ["gestern", aux] + s_tgt + o_tgt + ["ge" + self.lexicon.verbs[verb] + "t", "."]
+            tgt = ["gestern", "haben" if subj.plural else "hat"] + s_tgt + o_tgt + [participle, "."]
         return src, tgt
-
-    def _list(self, rng: random.Random) -> tuple[list[str], list[str]]:
-        """``two cats , a dog and a bird .`` -> ``katzen zwo , hund ein und vogel ein .``
-
-        The count (a numeral, or the gender-agreeing article for one) follows the noun.
-        """
-        items_src, items_tgt = [], []
-        for _ in range(rng.choice((2, 3, 3, 4))):
-            noun = rng.choice(self._nouns)
-            gender = self.lexicon.genders[noun]
-            if rng.random() < 0.5:
-                k = rng.randrange(len(_NUMBERS_SRC))
-                items_src.append([_NUMBERS_SRC[k], noun + "s"])
-                items_tgt.append([self.lexicon.nouns[noun] + _PLURAL_ENDING[gender], _NUMBERS_TGT[k]])
-            else:
-                items_src.append(["a", noun])
-                items_tgt.append([self.lexicon.nouns[noun], _INDEF[(gender, "nom")]])
-        return _join_list(items_src, "and"), _join_list(items_tgt, "und")
-
-
-def _join_list(items: list[list[str]], conjunction: str) -> list[str]:
-    words: list[str] = []
-    for i, item in enumerate(items):
-        if i == len(items) - 1:
-            words.append(conjunction)
-        elif i > 0:
-            words.append(",")
-        words.extend(item)
-    return words + ["."]
 
 
 def generate_pairs(seed: int, num_pairs: int, split: str = "train",

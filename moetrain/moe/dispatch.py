@@ -17,6 +17,9 @@ so under capacity all first choices are served before any second choice.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +48,19 @@ class DispatchPlan:
     num_routes: int
 
 
-def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | None, min_capacity: int = 0) -> int | None:
-    """Switch capacity ``ceil(T / E * cf)`` with a floor; ``None`` = dropless."""
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | None, min_capacity: int = 0,
+                    top_k: int = 1) -> int | None:
+    """Capacity ``ceil(k * T / E * cf)`` per expert, with a floor; ``None`` = dropless.
+
+    The ``k`` factor is GShard's and DeepSpeed's: top-k routing offers ``k * T`` routes, so
+    without it a perfectly balanced top-2 batch would lose half of them at ``cf = 1``.
+    ``cf`` is taken as the decimal the user wrote (``1.1`` is 11/10, not the binary float
+    just above it), so ``T = 10, E = 11, cf = 1.1`` gives exactly 1, not 2.
+    """
     if capacity_factor is None:
         return None
-    cap = int(-(-num_tokens * capacity_factor // num_experts))  # ceil without float error on ints
-    return max(cap, min_capacity)
+    routes = Fraction(num_tokens * top_k) * Fraction(repr(float(capacity_factor)))
+    return max(math.ceil(routes / num_experts), min_capacity)
 
 
 class LocalDispatcher:

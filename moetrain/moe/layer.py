@@ -43,7 +43,8 @@ class MoEStats:
         tokens_per_expert: ``[E]`` routes each expert processed after capacity
             (this rank's tokens; int64).
         dropped_fraction: share of routes dropped by capacity (scalar tensor).
-        router_entropy: mean entropy of the clean router softmax (nats).
+        router_entropy: mean entropy of the router softmax (nats), from the logits the estimator
+            saw (with input jitter in training, clean at evaluation).
         num_tokens: non-padding tokens routed by this rank.
     """
 
@@ -202,7 +203,7 @@ class MoELayer(DeepSpeedMoE):
         dense = self.estimator.dense and self.training
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = None if dense else expert_capacity(num_tokens if valid is None else int(valid.sum()),
-                                                      self.num_experts, factor, self.min_capacity)
+                                                      self.num_experts, factor, self.min_capacity, self.top_k)
         plan = self.dispatcher.plan(routing.expert_ids, capacity, valid)
         rows, counts = self.dispatcher.dispatch(x_flat, plan)
         out_rows = self.dispatcher.undispatch(self.experts(rows, counts), plan)

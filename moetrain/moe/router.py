@@ -1,4 +1,4 @@
-"""The router: a bias-free linear producing float32 logits, and the routing losses."""
+"""The router: a bias-free linear producing logits in at least float32, and the routing losses."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from .noise import STREAM_JITTER, RoutingNoise
 
 
 class Router(nn.Module):
-    """``logits = W x`` computed in float32 whatever the model's dtype.
+    """``logits = W x`` computed in float32, or float64 for a float64 model.
 
     Softmax over experts is sensitive to rounding (bf16 logits flip argmaxes), so
-    the input and weight are upcast. ``classifier`` matches HF's parameter name.
+    half-precision inputs and weights are upcast; float64 is kept (the closed-form tests
+    run in it). ``classifier`` matches HF's parameter name.
     """
 
     def __init__(self, d_model: int, num_experts: int):
@@ -21,13 +22,14 @@ class Router(nn.Module):
         self.classifier = nn.Linear(d_model, num_experts, bias=False)
 
     def forward(self, x: Tensor, noise: RoutingNoise | None = None, input_jitter_eps: float = 0.0) -> Tensor:
-        x32 = x.float()
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x32 = x.to(dtype)
         if noise is not None and input_jitter_eps > 0:
             # Multiplicative jitter on the router's copy of the input only (the
             # experts see the clean x; HF once leaked jitter into the experts).
             u = noise.uniform(STREAM_JITTER, x32.shape[-1])
             x32 = x32 * (1.0 - input_jitter_eps + 2.0 * input_jitter_eps * u)
-        return F.linear(x32, self.classifier.weight.float())
+        return F.linear(x32, self.classifier.weight.to(dtype))
 
 
 def balance_loss(probs: Tensor, balance_ids: Tensor, num_experts: int) -> Tensor:
@@ -50,7 +52,11 @@ def z_loss(logits: Tensor) -> Tensor:
 
 
 def router_entropy(logits: Tensor) -> Tensor:
-    """Mean entropy of the (clean) router softmax, in nats; log(E) is uniform."""
+    """Mean entropy of the router softmax, in nats; log(E) is uniform.
+
+    Computed from the logits the estimator saw: in training with input jitter
+    (``switch``'s default) these include the jitter, at evaluation they are clean.
+    """
     if logits.shape[0] == 0:
         return logits.new_zeros(())
     logp = torch.log_softmax(logits.detach(), dim=-1)

@@ -63,8 +63,12 @@ class Run:
 
 
 def main_train(cfg: RunConfig, out_dir: Path, args=None) -> int:
-    """``moetrain train`` (see moetrain.cli)."""
+    """``moetrain train`` (see moetrain.cli); exports the result when ``export.after_train``."""
     train(cfg, out_dir)
+    if cfg.export.after_train and (not dist.is_initialized() or dist.get_rank() == 0):
+        from moetrain.tasks.translation import export_after_training
+
+        export_after_training(cfg, out_dir)
     return 0
 
 
@@ -84,6 +88,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
     t, engine, state = cfg.train, run.engine, run.state
     batches = MicroBatches(run.task, run.info, state.data_position, engine.device)
     window, flops = WindowStats(), flops_per_token(engine.module)
+    saved = None
     lr, grad_norm = engine.get_lr()[0], None
     engine.train()
     with _stop_on_sigterm(batches):
@@ -111,11 +116,17 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
             paused = time.perf_counter()
             is_best = _maybe_evaluate(run, last and not batches.stopping)  # a stop skips the final eval
             if save and ((t.save_every and state.step % t.save_every == 0) or last):
-                save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
+                saved = save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
                                 is_best=is_best, tokenizer_dir=getattr(run.task, "tokenizer_dir", None))
             window.start += time.perf_counter() - paused  # throughput excludes eval and saves
     if batches.stopping:
         run.logger.message(f"moetrain: stopped by SIGTERM after step {state.step} (checkpoint saved)")
+    best = (f"; best {state.metric} {state.best_metric:.4g} at step {state.best_step}"
+            if state.best_metric is not None else "")
+    run.logger.message(f"moetrain: finished at step {state.step}{best}\n"
+                       f"  metrics      {run.out_dir / 'metrics.jsonl'}\n"
+                       f"  tensorboard  tensorboard --logdir {run.out_dir / 'tensorboard'}"
+                       + (f"\n  checkpoint   {saved}" if saved is not None else ""))
     run.logger.close()
     return state
 

@@ -1,0 +1,90 @@
+"""The built-in demo: its config, a shortened run through the real CLI, and (slow) the full run.
+
+The full demo (`moetrain train configs/demo.yaml`) must finish within 10 minutes on a 2-core
+CPU and reach dev BLEU >= 90; ``test_full_demo`` checks both and is marked ``slow``. The
+shortened run keeps every stage of it in the regular suite: generated data, tokenizer,
+training with metrics and TensorBoard, evaluation with beam search, checkpoint, HF export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moetrain.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def test_demo_config_loads():
+    cfg = load_config(DEMO)
+    assert cfg.task == "translation" and cfg.data.source == "synthetic"
+    assert cfg.data.vocab_size <= cfg.model.vocab_size
+    assert cfg.moe.num_experts > 1 and cfg.train.eval_every > 0
+    # The demo promises an HF export that matches moetrain: an estimator HF reproduces exactly.
+    assert cfg.export.after_train and cfg.moe.estimator in ("switch", "st", "stgs", "reinmax")
+
+
+def _run(args: list[str], cache: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOETRAIN_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "moetrain.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _check_outputs(run: Path, cache: Path, timeout: float) -> dict:
+    """metrics.jsonl, TensorBoard events, a checkpoint, an HF export; returns the last eval record."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    assert train and evals and train[-1]["loss"] < train[0]["loss"]
+    assert "tokens_per_second" in train[-1]
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    portable = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "portable"
+    assert (portable / "model.safetensors").is_file() and (portable / "tokenizer" / "tokenizer.json").is_file()
+    hf = run / "hf"  # export.after_train: the demo exports by itself and checks the export
+    check = json.loads((hf / "moetrain_export_check.json").read_text())
+    assert check["estimator"] == "switch" and check["max_logit_gap"] < 1e-4
+    assert check["identical_translations"] == check["checked_sentences"] > 0
+    from moetrain.tasks.translation import Translator
+
+    translator, _ = Translator.load(hf, device="cpu")
+    assert translator.hf
+    out = translator.translate(["does the dog see a cat ?"], beam_size=2, max_length=20, progress=False)
+    assert len(out) == 1
+    return evals[-1]
+
+
+def test_short_demo(tmp_path):
+    """Every stage of the demo on a small budget (the real CLI, a fresh process)."""
+    run, cache = tmp_path / "demo", tmp_path / "cache"
+    sets = ["train.max_steps=30", "train.eval_every=30", "train.log_every=10", "data.synthetic_num_train=2000",
+            "data.synthetic_num_valid=20", "train.beam_size=2"]
+    done = _run(["train", str(DEMO), "--output-dir", str(run), "--set", *sets], cache, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    assert "metrics.jsonl" in printed and "tensorboard" in printed and "checkpoints" in printed
+    assert f"checkpoint   {run}/checkpoints/step_00000030" in printed and f"HF export {run}/hf" in printed
+    assert "data: train: read 2,000 pairs" in printed
+    last = _check_outputs(run, cache, timeout=300)
+    assert 0 <= last["bleu"] <= 100
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    """`moetrain train configs/demo.yaml` as shipped: <= 10 minutes, dev BLEU >= 90."""
+    run, cache = tmp_path / "demo", tmp_path / "cache"
+    start = time.perf_counter()
+    done = _run(["train", str(DEMO), "--output-dir", str(run)], cache, timeout=900)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = _check_outputs(run, cache, timeout=300)
+    print(f"demo: {seconds:.0f} s, dev BLEU {last['bleu']:.2f}")
+    assert last["bleu"] >= 90, last
+    assert seconds <= 600
