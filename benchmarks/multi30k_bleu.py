@@ -24,14 +24,22 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "multi30k"
 
 
-def train_and_score(estimator: str, out_root: Path, steps: int | None, overrides: list[str]) -> dict:
+def data_overrides(data: Path) -> list[str]:
+    """``--set`` items that point a recipe at a Multi30k directory other than the default."""
+    return [f"data.{split}_{side}={data / f'{name}.{lang}'}"
+            for split, name in (("train", "train"), ("valid", "val"), ("test", "test_2016_flickr"))
+            for side, lang in (("src", "en"), ("tgt", "de"))]
+
+
+def train_and_score(estimator: str, out_root: Path, steps: int | None, overrides: list[str],
+                    data: Path = DATA) -> dict:
     """Train one recipe in a subprocess, then score its last checkpoint on the test set."""
     from moetrain.eval.bleu import sacre_bleu
     from moetrain.data.sources import read_lines
     from moetrain.tasks.translation import Translator
 
     config = REPO / "configs" / f"multi30k_{estimator}.yaml"
-    sets = list(overrides)
+    sets = list(overrides) + (data_overrides(data) if data != DATA else [])
     if not config.is_file():
         config = REPO / "configs" / "multi30k_switch.yaml"
         sets.append(f"moe.estimator={estimator}")
@@ -46,9 +54,9 @@ def train_and_score(estimator: str, out_root: Path, steps: int | None, overrides
     train_seconds = time.perf_counter() - start
 
     translator, cfg = Translator.load(run)
-    src, ref = read_lines(DATA / "test_2016_flickr.en"), read_lines(DATA / "test_2016_flickr.de")
+    src, ref = read_lines(data / "test_2016_flickr.en"), read_lines(data / "test_2016_flickr.de")
     hyps = translator.translate(src, beam_size=cfg.train.beam_size, length_penalty=cfg.train.length_penalty,
-                                max_length=cfg.train.max_decode_length)
+                                max_length=cfg.train.max_decode_length, progress=False)
     bleu = sacre_bleu(hyps, ref)
     return {"estimator": estimator, "bleu": round(bleu.score, 2), "signature": bleu.signature,
             "steps": cfg.train.max_steps, "train_seconds": round(train_seconds, 1), "run_dir": str(run)}
@@ -62,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra config overrides for every run")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-multi30k"), help="run directories go here")
     parser.add_argument("--json", default=None, help="also write the results as JSON")
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help=f"Multi30k directory: train/val/test_2016_flickr .en/.de (default: {DATA})")
     args = parser.parse_args(argv)
 
-    if not (DATA / "train.en").is_file():
-        print(f"multi30k_bleu: skipped, no data at {DATA}")
+    if not (args.data / "train.en").is_file():
+        print(f"multi30k_bleu: skipped, no data at {args.data}")
         return 0
-    results = [train_and_score(e, Path(args.out), args.steps, args.overrides) for e in args.estimators]
+    results = [train_and_score(e, Path(args.out), args.steps, args.overrides, args.data) for e in args.estimators]
     print(f"\nMulti30k test_2016_flickr, En->De, sacreBLEU ({results[0]['signature']})")
     print(f"{'estimator':<16}{'BLEU':>8}{'steps':>8}{'train s':>10}")
     for r in results:
