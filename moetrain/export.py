@@ -437,7 +437,10 @@ def main_export(args: argparse.Namespace) -> int:
     from moetrain.config import ConfigError
 
     try:
-        out, state_dict, cfg = export_checkpoint(args.checkpoint, getattr(args, "out", None),
+        portable = resolve_portable(args.checkpoint)
+        if load_portable(portable)[1].task == "electra":  # the discriminator only, not the generator
+            return _export_electra(portable, args)
+        out, state_dict, cfg = export_checkpoint(portable, getattr(args, "out", None),
                                                  getattr(args, "max_shard_size", None))
         if getattr(args, "verify", False):
             print(f"max |moetrain - HF| = {verify_export(out, state_dict, cfg.model, cfg.moe):.3g}")
@@ -445,3 +448,20 @@ def main_export(args: argparse.Namespace) -> int:
     except (ExportError, ConversionError, ConfigError) as err:
         print(f"moetrain export: {err}", file=sys.stderr)
         return 2
+
+
+def _export_electra(portable: Path, args: argparse.Namespace) -> int:
+    """``moetrain export`` of an ELECTRA run: its discriminator (+ RTD head), never the generator."""
+    from moetrain.tasks.electra import export_discriminator
+
+    cfg = load_portable(portable)[1]
+    out = getattr(args, "out", None) or cfg.export.out_dir
+    if out is None:
+        raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")
+    result = export_discriminator(portable, out, verify=getattr(args, "verify", False),
+                                  max_shard_size=getattr(args, "max_shard_size", None) or cfg.export.max_shard_size)
+    print(f"exported the ELECTRA discriminator of {portable} -> {out} (SwitchTransformersEncoderModel; "
+          f"RTD head in moetrain_heads.safetensors; generator left out)")
+    if "max_abs_diff" in result:
+        print(f"max |moetrain - HF| = {result['max_abs_diff']:.3g}")
+    return 0

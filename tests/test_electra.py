@@ -275,14 +275,16 @@ def test_resume_with_another_vocabulary_is_refused(pretrained, tmp_path):
         ElectraTask(cfg, tmp_path / "run")
 
 
-def test_export_discriminator_to_hf(pretrained, tmp_path):
+def test_export_discriminator_to_hf(pretrained, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from moetrain.tasks.electra import export_discriminator
+    from moetrain import cli
 
     run, _ = pretrained
-    result = export_discriminator(run, tmp_path / "hf", verify=True)
-    assert result["max_abs_diff"] < 1e-4
+    # `moetrain export` of an ELECTRA run exports the discriminator, never the generator.
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "hf"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "generator left out" in out and float(out.rsplit("max |moetrain - HF| = ", 1)[1]) < 1e-4
     heads = load_file(str(tmp_path / "hf" / "moetrain_heads.safetensors"))
     assert set(heads) == {"rtd_head.dense.weight", "rtd_head.dense.bias", "rtd_head.out.weight", "rtd_head.out.bias"}
     from transformers import AutoTokenizer
