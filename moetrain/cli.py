@@ -113,8 +113,24 @@ def prepare_run(args: argparse.Namespace, cfg: RunConfig | None = None) -> tuple
     else:
         out_dir = create_run_dir(default_run_dir(args.config), fresh=True)
     if process_rank() == 0:
-        save_config(cfg, out_dir / "config.yaml")
+        _write_run_config(cfg, out_dir / "config.yaml")
     return cfg, out_dir
+
+
+def _write_run_config(cfg: RunConfig, path: Path) -> None:
+    """Write ``config.yaml``; a different one already there (an earlier run in the same
+    directory, e.g. before a resume) is kept as ``config.<its mtime>.yaml``, never lost."""
+    text = config_to_yaml(cfg)
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
+        import datetime as _dt
+
+        stamp = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+        kept = path.with_name(f"config.{stamp}.yaml")
+        n = 1
+        while kept.exists():
+            kept, n = path.with_name(f"config.{stamp}-{n}.yaml"), n + 1
+        path.rename(kept)
+    save_config(cfg, path)
 
 
 def _resolve(target: str, command: str) -> Callable:

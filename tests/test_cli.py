@@ -114,8 +114,13 @@ def test_prepare_run_writes_config_into_output_dir(tmp_path):
     cfg, out_dir = cli.prepare_run(parse("train", str(TINY), "--output-dir", str(out), "--set", "train.max_steps=7"))
     assert out_dir == out and cfg.train.max_steps == 7
     assert load_config(out / "config.yaml") == cfg
-    # Reusing a named directory (e.g. to resume) is allowed.
-    cli.prepare_run(parse("train", str(TINY), "--output-dir", str(out)))
+    # Reusing a named directory (e.g. to resume) is allowed; the earlier config is kept aside.
+    cfg2, _ = cli.prepare_run(parse("train", str(TINY), "--output-dir", str(out)))
+    assert load_config(out / "config.yaml") == cfg2 != cfg
+    [kept] = out.glob("config.*.yaml")
+    assert load_config(kept) == cfg
+    cli.prepare_run(parse("train", str(TINY), "--output-dir", str(out)))  # same config: nothing new kept
+    assert len(list(out.glob("config.*.yaml"))) == 1
 
 
 def test_default_run_dir_is_stem_and_timestamp(tmp_path, monkeypatch):
