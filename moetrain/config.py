@@ -124,12 +124,6 @@ class ModelConfig:
     dropout_rate: float = 0.1
     """Dropout on attention probabilities, FFN hidden units and residual branches."""
 
-    embed_init_std: float = 1.0
-    """Std of the (tied) token embedding at initialisation. 1.0 is T5's, made for Adafactor,
-    whose steps are relative to a weight's size; under Adam a weight moves by about ``lr`` per
-    step, so N(0, 1) embeddings take thousands of steps to change and a smaller std (such as
-    ``d_model ** -0.5``) learns faster. Initialisation only: export is unaffected."""
-
     layer_norm_epsilon: float = 1e-6
     """Epsilon of the T5 RMS layer norm."""
 
@@ -698,7 +692,6 @@ def _check_model(m: ModelConfig, require: Callable[[bool, str, str], None]) -> N
         require(m.num_decoder_layers >= 1, "model.num_decoder_layers",
                 f"must be >= 1 for arch encoder_decoder, got {m.num_decoder_layers}")
     require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {m.dropout_rate}")
-    require(m.embed_init_std > 0, "model.embed_init_std", f"must be > 0, got {m.embed_init_std}")
     require(m.layer_norm_epsilon > 0, "model.layer_norm_epsilon", "must be > 0")
     for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
         value = getattr(m, key)

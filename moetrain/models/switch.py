@@ -201,14 +201,13 @@ class _SwitchBase(nn.Module):
     def _init_weights(self) -> None:
         """T5/HF initialisation from the global RNG (experts and routers init inside MoELayer).
 
-        Embedding N(0, model.embed_init_std**2), T5's N(0, 1) by default (the tied output is
-        scaled by d_model**-0.5); q N(0, 1/(d*d_kv)) so
+        Embedding N(0, 1) (the tied output is scaled by d_model**-0.5); q N(0, 1/(d*d_kv)) so
         the unscaled scores start at unit size; k, v N(0, 1/d); o N(0, 1/(h*d_kv)); dense wi
         N(0, 1/d), wo N(0, 1/d_ff); norms 1; relative bias N(0, 1/d).
         """
         cfg = self.model_cfg
         d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
-        nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
+        nn.init.normal_(self.embed.weight, std=1.0)
         for module in self.modules():
             if isinstance(module, MoELayer):
                 continue
