@@ -178,14 +178,9 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "moe-layer", help="forward+backward time of one MoE FFN layer vs a dense FFN",
         description="Time forward+backward of one MoE FFN layer for several expert counts, "
                     "against a dense FFN over the same tokens (ratios printed as a table).")
-    layer.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], metavar="E",
-                       help="expert counts to measure (default: 8 32 128)")
-    layer.add_argument("--tokens", type=int, default=4096, help="tokens per batch (default: 4096)")
-    layer.add_argument("--d-model", type=int, default=512, help="model width (default: 512)")
-    layer.add_argument("--d-ff", type=int, default=2048, help="expert hidden width (default: 2048)")
-    layer.add_argument("--repeats", type=int, default=5, metavar="N",
-                       help="timed repetitions per setting; the median is reported (default: 5)")
-    layer.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    from moetrain.bench.moe_layer_options import add_arguments as add_bench_moe_layer_arguments  # no torch import
+
+    add_bench_moe_layer_arguments(layer)
     layer.set_defaults(bench_run=lambda args: _resolve("moetrain.bench.moe_layer:main", "bench moe-layer")(args))
     from moetrain.bench.train import add_arguments as add_bench_train_arguments  # no torch import
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moetrain.bench.moe_layer_options import add_arguments  # noqa: F401  (re-exported)
 from moetrain.moe import MoELayer
 
 IMPLS = ("moetrain-switch", "moetrain-sparsemixer", "deepspeed", "hf", "dense", "experts-alone")
@@ -64,24 +65,6 @@ BALANCE_COEF = 0.01
 Z_COEF = 0.001
 # --quick: tiny sizes for a smoke test (the test suite runs it).
 QUICK = dict(experts=[4, 8], tokens=256, d_model=32, d_ff=64, repeats=1)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``moetrain bench moe-layer``."""
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], metavar="E",
-                        help="expert counts to measure (default: 8 32 128)")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch (default: 4096)")
-    parser.add_argument("--d-model", type=int, default=512, help="model width (default: 512)")
-    parser.add_argument("--d-ff", type=int, default=2048, help="expert hidden width (default: 2048)")
-    parser.add_argument("--repeats", type=int, default=5, metavar="N",
-                        help="timed rounds per expert count; the median is reported (default: 5)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch intra-op threads (default: the CPUs this process may use)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and one round, a smoke test (overrides the size options)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the results as a JSON list of "
-                             "{impl, num_experts, ms, peak_mb, ratio_to_dense}")
 
 
 # ---------------------------------------------------------------------------

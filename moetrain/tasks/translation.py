@@ -428,8 +428,9 @@ def export_after_training(cfg, run_dir: Path, num_check: int = 100) -> dict[str,
                     "max_length": ckpt_cfg.train.max_decode_length, "progress": False}
         model = build_model(ckpt_cfg.model, ckpt_cfg.moe)
         model.load_state_dict(state_dict)
-        ours = Translator(model, Translator.load(out, device="cpu")[0].tokenizer).translate(sources, **decoding)
-        theirs = Translator.load(out, device="cpu")[0].translate(sources, **decoding)
+        hf = Translator.load(out, device="cpu")[0]
+        ours = Translator(model, hf.tokenizer).translate(sources, **decoding)
+        theirs = hf.translate(sources, **decoding)
         report.update({"checked_sentences": len(sources),
                        "identical_translations": sum(a == b for a, b in zip(ours, theirs))})
     (out / "moetrain_export_check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

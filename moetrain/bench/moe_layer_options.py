@@ -1,0 +1,24 @@
+"""The options of ``moetrain bench moe-layer``, apart from the benchmark so that building the
+command-line parser imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``moetrain bench moe-layer``."""
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], metavar="E",
+                        help="expert counts to measure (default: 8 32 128)")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch (default: 4096)")
+    parser.add_argument("--d-model", type=int, default=512, help="model width (default: 512)")
+    parser.add_argument("--d-ff", type=int, default=2048, help="expert hidden width (default: 2048)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="N",
+                        help="timed rounds per expert count; the median is reported (default: 5)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch intra-op threads (default: the CPUs this process may use)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and one round, a smoke test (overrides the size options)")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write the results as a JSON list of "
+                             "{impl, num_experts, ms, peak_mb, ratio_to_dense}")
