@@ -264,8 +264,23 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps (one step = grad_accum_steps micro-batches on every rank)."""
 
+    optimizer: str = choices("adamw", "adamw", "adafactor")
+    """``adamw`` (torch.optim.AdamW) or ``adafactor`` (torch.optim.Adafactor, as T5 and the Switch
+    Transformer were trained). Adafactor moves each weight by ``lr`` times its own RMS, so the
+    N(0, 1) tied embedding learns as fast as the ~d_model**-0.5 matrices; AdamW moves every weight
+    by ~lr in absolute terms, which leaves the embedding ~16x slower (docs/translation.md).
+    Adafactor needs ``parallel.zero_stage: 0``: ZeRO-1/2 hand the optimizer flat 1-D shards, on which
+    its factored moments and per-weight RMS mean something else (docs/training.md)."""
+
     lr: float = 7e-4
-    """Peak learning rate, reached at the end of warmup."""
+    """Peak learning rate, reached at the end of warmup. For adafactor it is the relative step:
+    each update is at most ``lr`` x RMS(weight) (T5: 1e-2)."""
+
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Per-parameter-group learning-rate multipliers: ``{pattern: factor}``; a parameter whose name
+    matches the regular expression ``pattern`` (``re.search``; first match wins) trains at
+    ``factor`` x the scheduled rate, e.g. ``{embed: 10}`` for the tied embedding under AdamW.
+    Each pattern must match at least one parameter."""
 
     warmup_steps: int = 4000
     """Linear warmup from 0 to lr."""
@@ -291,6 +306,11 @@ class TrainConfig:
 
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
+
+    max_minutes: float | None = None
+    """Wall-clock training budget in minutes (summed over resumed runs; evaluation and saves
+    included): when it is spent the run stops after the current step with the final
+    evaluation and a checkpoint, as at max_steps. ``null`` = no budget."""
 
     precision: str = choices("fp32", "fp32", "bf16", "fp16")
     """Training precision. bf16 requires parallel.zero_stage 1 or 2 (see validate)."""
@@ -766,6 +786,14 @@ def _check_train(t: TrainConfig, require: Callable[[bool, str, str], None]) -> N
     for key in ("eval_every", "save_every", "keep_last"):
         require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     require(t.length_penalty >= 0, "train.length_penalty", f"must be >= 0, got {t.length_penalty}")
+    require(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes",
+            f"must be > 0 or null, got {t.max_minutes}")
+    for pattern, factor in t.lr_scale.items():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            require(False, f"train.lr_scale.{pattern}", f"is not a valid regular expression ({err})")
+        require(factor > 0, f"train.lr_scale.{pattern}", f"must be > 0, got {factor}")
 
 
 def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
@@ -776,10 +804,24 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
     # Measured with DeepSpeed 0.19.8 (deepspeed-ep notes, P2): without ZeRO the clipping norm
     # under EP > 1 averages per-rank norms (0.715 instead of 0.754), and bf16 falls back to
     # FP16_UnfusedOptimizer, which leaves expert gradients out of the norm and drifts.
-    if p.ep_size > 1 or t.precision == "bf16":
-        why = f"parallel.ep_size={p.ep_size}" if p.ep_size > 1 else "train.precision=bf16"
+    # Measured with DeepSpeed 0.19.8 (deepspeed-ep notes, P2): without ZeRO, bf16 falls back to
+    # FP16_UnfusedOptimizer, which leaves expert gradients out of the clipping norm and drifts.
+    # (The stage-0 norm under EP > 1 is computed by moetrain itself: train/clipping.py.)
+    if t.precision == "bf16":
         require(p.zero_stage in (1, 2), "parallel.zero_stage",
-                f"must be 1 or 2 with {why} (without ZeRO DeepSpeed's gradient norm is wrong), got {p.zero_stage}")
+                f"must be 1 or 2 with train.precision=bf16 (DeepSpeed's stage-0 bf16 optimizer leaves expert "
+                f"gradients out of the norm), got {p.zero_stage}")
+    # ZeRO-1/2 flatten each parameter group and give the optimizer one 1-D shard per rank: Adafactor
+    # would factor nothing and scale by the RMS of a shard instead of a weight (measured: docs/training.md).
+    if t.optimizer == "adafactor":
+        require(p.zero_stage == 0, "parallel.zero_stage",
+                f"must be 0 with train.optimizer=adafactor (ZeRO-1/2 hand the optimizer flat shards, which "
+                f"changes what Adafactor computes; its factored state is already ~1/d of Adam's, so ZeRO-1 would "
+                f"save little). Use zero_stage 0 (expert parallelism works there), or train.optimizer=adamw with "
+                f"train.lr_scale under ZeRO-1/2; got {p.zero_stage}")
+        require(t.precision == "fp32", "train.precision",
+                f"must be fp32 with train.optimizer=adafactor (bf16/fp16 need ZeRO-1/2, see parallel.zero_stage), "
+                f"got {t.precision}")
 
 
 def _check_export(e: ExportConfig, require: Callable[[bool, str, str], None]) -> None:

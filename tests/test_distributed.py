@@ -29,8 +29,23 @@ pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "dist_scripts" / "run_scenarios.py"
 PARITY = [("switch", 1), ("switch", 2), ("sparsemixer", 1), ("sparsemixer", 2)]
+#: The optimizer settings compared across topologies: Adafactor (ZeRO-0 only) and AdamW with a
+#: per-group rate, both with a clipping threshold low enough to clip every step (the stage-0
+#: norm under EP is moetrain's own; DeepSpeed's is wrong there).
+OPTIM = {
+    "adafactor_z0": {"train.optimizer": "adafactor", "train.lr": 1e-2, "parallel.zero_stage": 0,
+                     "train.grad_clip": 0.05, "train.lr_scale": {"embed": 3.0}},
+    "adamw_scaled_z0": {"train.lr_scale": {"embed": 10.0, "head": 0.5}, "parallel.zero_stage": 0,
+                        "train.grad_clip": 0.05},
+    "adamw_scaled_z1": {"train.lr_scale": {"embed": 10.0, "head": 0.5}, "parallel.zero_stage": 1,
+                        "train.grad_clip": 0.05},
+}
+OPTIM_REF = {"adafactor_z0": "adafactor", "adamw_scaled_z0": "adamw_scaled", "adamw_scaled_z1": "adamw_scaled"}
 CLEAN = {"train.max_steps": 8, "train.save_every": 4, "train.keep_last": 2, "train.eval_every": 4,
          "train.grad_clip": 0.5, "train.weight_decay": 0.01, "moe.estimator": "sparsemixer"}
+
+
+CLEAN_ADAFACTOR = {**CLEAN, **OPTIM["adafactor_z0"]}
 
 
 def launch(spec: list[dict], tmp: Path, ranks: int, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -84,6 +99,7 @@ def tmp(tmp_path_factory) -> Path:
 def two_ranks(tmp):
     spec = [{"name": f"ep2_{est}_z{z}", "out_dir": str(tmp / f"ep2_{est}_z{z}"),
              "set": {"moe.estimator": est, "parallel.zero_stage": z}} for est, z in PARITY]
+    spec += [{"name": f"ep2_{name}", "out_dir": str(tmp / f"ep2_{name}"), "set": opts} for name, opts in OPTIM.items()]
     spec += [
         {"name": "switch_model_ep2", "out_dir": str(tmp / "switch_model_ep2"), "task": "seq2seq",
          "set": {"moe.estimator": "sparsemixer", "parallel.zero_stage": 2}},
@@ -95,6 +111,12 @@ def two_ranks(tmp):
         {"name": "uneven", "out_dir": str(tmp / "uneven"), "toy": {"uneven": True},
          "set": {"train.max_steps": 5, "moe.capacity_factor": 1.0, "train.eval_every": 2}},
         {"name": "clean", "out_dir": str(tmp / "clean"), "set": CLEAN},
+        {"name": "clean_adafactor", "out_dir": str(tmp / "clean_adafactor"), "set": CLEAN_ADAFACTOR},
+        {"name": "budget", "out_dir": str(tmp / "budget"),
+         "set": {"train.max_minutes": 1e-4, "train.max_steps": 100, "train.eval_every": 50}},
+        # What config validation refuses, measured: Adafactor on ZeRO-1's flat shards.
+        {"name": "adafactor_z1_unvalidated", "out_dir": str(tmp / "adafactor_z1"), "validate": False,
+         "set": {**OPTIM["adafactor_z0"], "parallel.zero_stage": 1}},
         {"name": "sigterm", "out_dir": str(tmp / "sigterm"), "toy": {"sigterm_at": 5},
          "set": {"train.max_steps": 100, "train.eval_every": 2}},
         {"name": "killed", "out_dir": str(tmp / "killed"), "kill_in_save_at": 8,
@@ -106,9 +128,18 @@ def two_ranks(tmp):
 @pytest.fixture(scope="module")
 def single_rank(tmp, two_ranks):
     src = tmp / "clean" / "checkpoints" / "step_00000004"
+    src_adafactor = tmp / "clean_adafactor" / "checkpoints" / "step_00000004"
     spec = [{"name": f"ref_{est}", "out_dir": str(tmp / f"ref_{est}"),
              "set": {"moe.estimator": est, "parallel.ep_size": 1}} for est in ("switch", "sparsemixer")]
+    spec += [{"name": f"ref_{ref}", "out_dir": str(tmp / f"ref_{ref}"),
+              "set": {**OPTIM[name], "parallel.ep_size": 1, "parallel.zero_stage": 0}}
+             for name, ref in OPTIM_REF.items() if name.endswith("z0")]
     spec += [
+        {"name": "portable_adafactor_w1", "out_dir": str(tmp / "portable_adafactor_w1"),
+         "set": {**CLEAN_ADAFACTOR, "parallel.ep_size": 1, "train.resume": str(src_adafactor)}},
+        {"name": "adafactor_to_adamw", "out_dir": str(tmp / "adafactor_to_adamw"), "expect_error": True,
+         "set": {**CLEAN_ADAFACTOR, "train.optimizer": "adamw", "parallel.ep_size": 1,
+                 "train.resume": str(src_adafactor)}},
         {"name": "switch_model_ref", "out_dir": str(tmp / "switch_model_ref"), "task": "seq2seq",
          "set": {"moe.estimator": "sparsemixer", "parallel.ep_size": 1}},
         {"name": "portable_w1", "out_dir": str(tmp / "portable_w1"),
@@ -131,6 +162,11 @@ def resumed(tmp, two_ranks):
     spec = [
         {"name": "portable_ep1_w2", "out_dir": str(tmp / "portable_ep1_w2"),
          "set": {**CLEAN, "parallel.ep_size": 1, "train.resume": str(tmp / "clean" / "checkpoints" / "step_00000004")}},
+        {"name": "portable_adafactor_ep1_w2", "out_dir": str(tmp / "portable_adafactor_ep1_w2"),
+         "set": {**CLEAN_ADAFACTOR, "parallel.ep_size": 1,
+                 "train.resume": str(tmp / "clean_adafactor" / "checkpoints" / "step_00000004")}},
+        {"name": "exact_adafactor", "out_dir": str(tmp / "exact_adafactor"),
+         "set": {**CLEAN_ADAFACTOR, "train.resume": str(tmp / "clean_adafactor" / "checkpoints" / "step_00000004")}},
         {"name": "resume_exact", "out_dir": str(tmp / "killed"),
          "set": {**CLEAN, "model.dropout_rate": 0.1, "train.resume": "latest"}},
     ]
@@ -262,3 +298,68 @@ def test_mismatched_checkpoint_is_refused(tmp, single_rank, name, key):
     assert "nothing was loaded or overwritten" in res["error"]
     assert not (tmp / name / "checkpoints").exists()
     assert {p: p.stat().st_mtime_ns for p in snapshot} == snapshot  # source untouched
+
+
+@pytest.mark.parametrize("name", list(OPTIM))
+def test_optimizers_ep2_on_two_ranks_match_one_rank_zero0(tmp, two_ranks, single_rank, name):
+    """Adafactor (ZeRO-0) and AdamW with lr_scale (ZeRO-0 and ZeRO-1), EP=2 on 2 ranks, against one
+    process at ZeRO-0 with the same global batch: losses, weights and every optimizer state tensor."""
+    ep2, ref = tmp / f"ep2_{name}", tmp / f"ref_{OPTIM_REF[name]}"
+    assert result(ep2, two_ranks)["ok"] and result(ref, single_rank[0])["ok"]
+    losses, ref_losses = ([r["loss"] for r in train_records(d)] for d in (ep2, ref))
+    assert len(losses) == 4 and losses == pytest.approx(ref_losses, abs=1e-5)
+    assert ref_losses[-1] < ref_losses[0]
+    norms = [r["grad_norm"] for r in train_records(ep2)]
+    assert norms == pytest.approx([r["grad_norm"] for r in train_records(ref)], rel=1e-4)
+    assert min(norms) > OPTIM[name]["train.grad_clip"]  # every step was clipped
+    (w, m), (rw, rm) = portable(ep2, 4), portable(ref, 4)
+    assert max_diff(w, rw) < 1e-5
+    assert m.keys() == rm.keys() and max(max_diff(m[k], rm[k]) for k in rm) < 1e-5
+    if name.startswith("adafactor"):  # factored second moments: a row and a column vector per matrix
+        assert set(rm["embed.weight"]) == {"row_var", "col_var"} and rm["embed.weight"]["row_var"].shape == (64, 1)
+
+
+def test_adafactor_on_zero1_shards_is_something_else(tmp, two_ranks, single_rank):
+    """Why validation refuses Adafactor under ZeRO-1/2: on flat shards it takes other steps."""
+    assert result(tmp / "adafactor_z1", two_ranks)["ok"]
+    got = [r["loss"] for r in train_records(tmp / "adafactor_z1")]
+    want = [r["loss"] for r in train_records(tmp / "ref_adafactor")]
+    assert got[0] == pytest.approx(want[0], abs=1e-5) and abs(got[-1] - want[-1]) > 1e-3
+
+
+def test_adafactor_exact_resume(tmp, resumed):
+    proc, _ = resumed
+    assert result(tmp / "exact_adafactor", proc)["ok"]
+    want = [r["loss"] for r in train_records(tmp / "clean_adafactor")][4:]
+    assert [r["loss"] for r in train_records(tmp / "exact_adafactor")] == want  # bit for bit
+
+
+@pytest.mark.parametrize("name", ["portable_adafactor_ep1_w2", "portable_adafactor_w1"])
+def test_adafactor_portable_resume_at_other_topologies(tmp, resumed, single_rank, name):
+    """EP=2 -> EP=1 on two ranks and on one: Adafactor's factored moments come back exactly."""
+    proc = resumed[0] if name.endswith("w2") else single_rank[0]
+    assert result(tmp / name, proc)["ok"]
+    want = [r["loss"] for r in train_records(tmp / "clean_adafactor")][4:]
+    assert [r["loss"] for r in train_records(tmp / name)] == pytest.approx(want, abs=1e-6)
+    (w, m), (cw, cm) = portable(tmp / name, 8), portable(tmp / "clean_adafactor", 8)
+    assert max_diff(w, cw) < 1e-6 and max(max_diff(m[k], cm[k]) for k in cm) < 1e-6
+
+
+def test_resume_with_another_optimizer_is_refused(tmp, single_rank):
+    proc, _ = single_rank
+    res = result(tmp / "adafactor_to_adamw", proc)
+    assert not res["ok"] and "CheckpointMismatch" in res["error"] and "train.optimizer=adafactor" in res["error"]
+
+
+def test_time_budget_stops_all_ranks_with_final_eval_and_checkpoint(tmp, two_ranks):
+    """train.max_minutes (6 ms here): the step in progress finishes, then the final evaluation
+    (unlike SIGTERM) and a checkpoint that records the time spent."""
+    assert result(tmp / "budget", two_ranks)["ok"]
+    records = [json.loads(x) for x in (tmp / "budget" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["type"] == "train"]
+    assert 1 <= len(steps) <= 2 and steps == list(range(1, len(steps) + 1))
+    assert [r["step"] for r in records if r["type"] == "eval"] == [steps[-1]]
+    name = f"step_{steps[-1]:08d}"
+    assert (tmp / "budget" / "checkpoints" / "latest").read_text() == name
+    state = json.loads((tmp / "budget" / "checkpoints" / name / "trainer_state.json").read_text())
+    assert state["train_seconds"] >= 1e-4 * 60

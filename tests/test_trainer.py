@@ -16,7 +16,8 @@ from torch import nn
 
 from moetrain.config import ParallelConfig, TrainConfig
 from moetrain.moe import MoELayer
-from moetrain.train.distributed import deepspeed_config, param_groups
+from moetrain.train.distributed import deepspeed_config
+from moetrain.train.optim import param_groups
 from moetrain.train.metrics import MetricsLogger, WindowStats, _merge_windows, flops_per_token
 from moetrain.train.schedule import LRSchedule, build_scheduler
 from moetrain.train.trainer import _num_samples, _to_device

@@ -11,7 +11,8 @@ Layout under ``<run dir>/checkpoints/``::
         config.yaml             the resolved run config
         model.safetensors       full fp32 state dict as an ep_size=1 model names it
                                 (expert keys carry GLOBAL ids: ...deepspeed_experts.<g>...)
-        optimizer.pt            Adam moments per parameter name, Adam step, LR scheduler
+        optimizer.pt            optimizer state tensors per parameter name (AdamW moments or
+                                Adafactor's factored moments), step, optimizer name, LR scheduler
         trainer_state.json      as above
         tokenizer/              copy of the task's ``tokenizer_dir`` (when it has one)
     latest                    name of the newest complete checkpoint (written last)
@@ -79,6 +80,7 @@ class TrainerState:
         best_metric / best_step: best evaluation so far (``metric`` decides which is best).
         metric / higher_is_better: the evaluation key that ranks checkpoints.
         topology: world_size, ep_size, zero_stage, precision the checkpoint was written with.
+        train_seconds: wall-clock seconds trained so far, over all resumed runs (train.max_minutes).
     """
 
     step: int = 0
@@ -88,6 +90,7 @@ class TrainerState:
     metric: str = "loss"
     higher_is_better: bool = False
     topology: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
 
     def improves(self, value: float) -> bool:
         if self.best_metric is None:
@@ -268,9 +271,17 @@ def _relink_optimizer_state(zero) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
-def _adam_step(engine) -> int:
+def _optimizer_step(engine) -> int:
+    """Steps the optimizer has taken (AdamW and Adafactor both keep a per-parameter ``step``)."""
     steps = [int(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s]
     return max(steps, default=0)
+
+
+def _state_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """Every per-parameter tensor of a torch optimizer's state except the shared step count:
+    AdamW's ``exp_avg``/``exp_avg_sq``, Adafactor's factored ``row_var``/``col_var`` (matrices)
+    or full ``variance`` (vectors)."""
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and k != "step"}
 
 
 def _owns_canonical_experts(layer) -> bool:
@@ -283,22 +294,26 @@ def _owns_canonical_experts(layer) -> bool:
 
 
 def gather_portable(engine, info: DistInfo) -> tuple[dict | None, dict | None]:
-    """Collect fp32 weights and Adam moments under global names on rank 0 (collective).
+    """Collect fp32 weights and optimizer state under global names on rank 0 (collective).
 
     Returns:
         On rank 0 ``(weights, moments)``: ``weights`` maps every ep_size=1 state-dict key to an
-        fp32 CPU tensor; ``moments`` maps parameter keys to ``{"exp_avg", "exp_avg_sq"}`` (empty
-        before the first optimizer step). ``(None, None)`` on other ranks.
+        fp32 CPU tensor; ``moments`` maps parameter keys to the optimizer's state tensors
+        (AdamW ``{"exp_avg", "exp_avg_sq"}``, Adafactor ``{"row_var", "col_var"}`` or
+        ``{"variance"}``; empty before the first optimizer step). ``(None, None)`` elsewhere.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     model, zero = engine.module, _zero_optimizer(engine)
     layers = _expert_layers(model)
-    has_moments = _adam_step(engine) > 0
+    has_moments = _optimizer_step(engine) > 0
     if zero is not None and has_moments:
         _relink_optimizer_state(zero)
     params = dict(model.named_parameters(remove_duplicate=False))
     base = _base_optimizer(engine)
+    # Under ZeRO the optimizer state is elementwise over flat shards (AdamW: exp_avg, exp_avg_sq).
+    zero_keys = sorted(_state_tensors(base.state[zero.single_partition_of_fp32_groups[0]])) \
+        if zero is not None and has_moments else []
     mine: list[tuple[str, torch.Tensor, dict]] = []
     # Every rank walks the same keys in the same order: the safe_get_* calls are collectives
     # over each parameter's data-parallel group.
@@ -312,10 +327,9 @@ def gather_portable(engine, info: DistInfo) -> tuple[dict | None, dict | None]:
         if param is not None and zero is not None and hasattr(param, "_hp_mapping"):
             value = safe_get_full_fp32_param(param)  # the fp32 master, not the bf16/fp16 copy
             if has_moments:
-                moments = {k: safe_get_full_optimizer_state(param, k) for k in ("exp_avg", "exp_avg_sq")}
+                moments = {k: safe_get_full_optimizer_state(param, k) for k in zero_keys}
         elif param is not None and zero is None and has_moments:
-            state = base.state.get(param, {})
-            moments = {k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state}
+            moments = _state_tensors(base.state.get(param, {}))
         keep = _owns_canonical_experts(layer) if layer is not None else info.is_main
         if keep:
             mine.append((gkey, _cpu32(value), {k: _cpu32(v) for k, v in moments.items()}))
@@ -343,7 +357,8 @@ def _write_portable(path: Path, weights: dict, moments: dict, engine, state: Tra
 
     path.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt", "moetrain_step": str(state.step)})
-    torch.save({"adam_step": _adam_step(engine), "moments": moments,
+    # "adam_step" keeps its first name: checkpoints written before Adafactor existed read the same.
+    torch.save({"adam_step": _optimizer_step(engine), "optimizer": cfg.train.optimizer, "moments": moments,
                 "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
                path / "optimizer.pt")
     save_config(cfg, path / "config.yaml")
@@ -413,6 +428,11 @@ def load_checkpoint(engine, path: Path, cfg: RunConfig, info: DistInfo) -> tuple
     portable = _portable_dir(path)
     saved_cfg = load_config(portable / "config.yaml")
     check_compatible(saved_cfg, cfg, portable / "model.safetensors", engine.module)
+    if saved_cfg.train.optimizer != cfg.train.optimizer:
+        raise CheckpointMismatch(f"checkpoint {path} was trained with train.optimizer={saved_cfg.train.optimizer} "
+                                 f"and this run uses {cfg.train.optimizer}: its optimizer state does not carry over "
+                                 f"(nothing was loaded or overwritten); resume with "
+                                 f"--set train.optimizer={saved_cfg.train.optimizer}")
     state = TrainerState.from_json(portable / "trainer_state.json")
     exact = portable != path and (path / ENGINE_TAG).is_dir() and state.topology == topology(cfg, info)
     if exact:
@@ -468,7 +488,12 @@ def expected_global_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
-    """Set weights, Adam moments, Adam step and LR schedule from a portable directory."""
+    """Set weights, optimizer state and step, and the LR schedule from a portable directory.
+
+    Under ZeRO-1/2 (AdamW only) the moments go through ``safe_set_full_optimizer_state`` into
+    whatever sharding this run has; at ZeRO-0 each parameter's state is set whole, so any torch
+    optimizer's tensors (Adafactor's factored moments too) come back exactly.
+    """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from safetensors.torch import load_file
 
@@ -477,7 +502,7 @@ def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
     model, zero, base = engine.module, _zero_optimizer(engine), _base_optimizer(engine)
     layers = _expert_layers(model)
     adam_step = int(optim["adam_step"])
-    if adam_step > 0:
+    if adam_step > 0 and zero is not None:
         _init_adam_state(engine, adam_step)
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, tensor in model.state_dict(keep_vars=True).items():
@@ -490,24 +515,23 @@ def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
             continue
         if zero is not None:
             safe_set_full_fp32_param(param, value.to(param.device))  # the fp32 master partition
-        for name, moment in optim["moments"].get(gkey, {}).items():
-            if zero is not None:
-                safe_set_full_optimizer_state(param, moment.to(param.device), name)
-            else:
-                base.state[param][name].copy_(moment)
+        moments = optim["moments"].get(gkey, {})
+        if zero is None and moments:
+            base.state[param] = {"step": torch.tensor(float(adam_step)),
+                                 **{name: m.to(param.device, param.dtype).clone() for name, m in moments.items()}}
+        for name, moment in moments.items() if zero is not None else ():
+            safe_set_full_optimizer_state(param, moment.to(param.device), name)
     _set_schedule_step(engine, TrainerState.from_json(portable / "trainer_state.json").step)
 
 
 def _init_adam_state(engine, adam_step: int) -> None:
-    """Create AdamW's state as it is after ``adam_step`` steps (zeros, filled in afterwards)."""
+    """Create AdamW's state on ZeRO's flat partitions as it is after ``adam_step`` steps (zeros,
+    filled in afterwards through ``safe_set_full_optimizer_state``)."""
     zero, base = _zero_optimizer(engine), _base_optimizer(engine)
-    flat = list(zero.single_partition_of_fp32_groups) if zero is not None else \
-        [p for g in base.param_groups for p in g["params"]]
-    for p in flat:
+    for p in zero.single_partition_of_fp32_groups:
         base.state[p].update(step=torch.tensor(float(adam_step)), exp_avg=torch.zeros_like(p),
                              exp_avg_sq=torch.zeros_like(p))
-    if zero is not None:
-        _relink_optimizer_state(zero)
+    _relink_optimizer_state(zero)
 
 
 def _set_schedule_step(engine, step: int) -> None:

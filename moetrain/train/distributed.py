@@ -5,15 +5,16 @@ Everything DeepSpeed-specific that the training loop needs, in the order it runs
     init_distributed(backend)                 one process or a launcher; gloo on CPU, nccl on CUDA
     model = task.build_model(ep_size)         AFTER init: experts are placed by rank
     engine = build_engine(model, cfg.train, cfg.parallel)
-                                              AdamW over MoE-aware groups + LambdaLR + ZeRO 0/1/2
+                                              AdamW/Adafactor over MoE-aware groups + LambdaLR + ZeRO 0/1/2
 
 The DeepSpeed JSON is generated from the ``train`` and ``parallel`` sections; a
 user file (``parallel.deepspeed_config``) may override any key except those the
 training loop owns (batch sizes, accumulation, optimizer, scheduler).
 
 Measured with DeepSpeed 0.19.8 (docs/deepspeed-ep.md): ZeRO-1/2 need an optimizer
-group marked ``moe: True`` for the expert parameters, and the gradient norm is only
-right under expert parallelism with ZeRO-1/2 (config validation enforces it).
+group marked ``moe: True`` for the expert parameters, and DeepSpeed's stage-0 gradient norm
+is wrong under expert parallelism, so at ZeRO-0 the trainer clips itself (train/optim.py) and
+DeepSpeed's ``gradient_clipping`` is set to 0.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from torch import nn
 
 from moetrain.config import ParallelConfig, TrainConfig
 
+from .optim import build_optimizer
 from .schedule import build_scheduler
 
-__all__ = ["DistInfo", "init_distributed", "deepspeed_config", "param_groups", "build_engine", "barrier",
+__all__ = ["DistInfo", "init_distributed", "deepspeed_config", "build_engine", "barrier",
            "OWNED_KEYS"]
 
 #: DeepSpeed keys the training loop sets itself; a user JSON may not override them.
@@ -144,6 +146,8 @@ def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, on_gpu: bo
                 raise ValueError(f"{user_file}: {'.'.join(path)}={_lookup(user, path)!r} disagrees with the "
                                  f"moetrain config ({'.'.join(path)}={_lookup(config, path)!r}); set {key} instead")
         _merge(config, user)
+    if parallel.zero_stage == 0:
+        config["gradient_clipping"] = 0.0  # the trainer clips with the right norm (optim.clip_stage0_gradients)
     return config
 
 
@@ -184,34 +188,16 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups with expert parameters split out (``moe: True``) for DeepSpeed.
-
-    With weight decay, vectors (norm scales, biases) are not decayed. Each input group needs
-    a ``name``: ``split_params_into_different_moe_groups_for_optimizer`` keys on it.
-    """
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if weight_decay > 0:
-        groups = [{"name": "decay", "params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    else:
-        groups = [{"name": "dense", "params": params, "weight_decay": 0.0}]
-    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
-    return [g for g in groups if g["params"]]  # ZeRO cannot flatten an empty group
-
-
 def build_engine(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, info: DistInfo):
-    """``deepspeed.initialize`` with AdamW, the LR schedule and the generated config.
+    """``deepspeed.initialize`` with the optimizer (train/optim.py), the LR schedule and the config.
 
     Returns:
-        The DeepSpeed engine (``engine.module`` is ``model``; ``engine.optimizer`` wraps AdamW).
+        The DeepSpeed engine (``engine.module`` is ``model``; ``engine.optimizer`` wraps the
+        torch optimizer).
     """
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                  betas=tuple(train.adam_betas), eps=train.adam_eps)
+    optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train.schedule, train.warmup_steps, train.max_steps)
     config = deepspeed_config(train, parallel, on_gpu=info.device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -41,6 +41,7 @@ from moetrain.tasks import Task, build_task
 from .checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import DistInfo, build_engine, init_distributed
 from .metrics import MetricsLogger, WindowStats, flops_per_token, peak_flops
+from .optim import clip_stage0_gradients
 
 __all__ = ["train", "main_train", "setup", "Run"]
 
@@ -86,13 +87,14 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
     """
     run = setup(cfg, Path(out_dir), task)
     t, engine, state = cfg.train, run.engine, run.state
-    batches = MicroBatches(run.task, run.info, state.data_position, engine.device)
+    clock = TrainingClock(state.train_seconds, t.max_minutes)
+    batches = MicroBatches(run.task, run.info, state.data_position, engine.device, clock)
     window, flops = WindowStats(), flops_per_token(engine.module)
     saved = None
     lr, grad_norm = engine.get_lr()[0], None
     engine.train()
     with _stop_on_sigterm(batches):
-        while state.step < t.max_steps and not batches.exhausted and not batches.stopping:
+        while state.step < t.max_steps and not (batches.exhausted or batches.stopping or batches.out_of_time):
             logging = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             for _ in range(t.grad_accum_steps):
                 batch, weight = batches.next()
@@ -102,7 +104,9 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                 out = run.task.loss(engine, batch)
                 engine.backward(out.loss if weight else out.loss * 0.0)
                 lr = engine.get_lr()[0]
-                grad_norm = _stage0_grad_norm(engine) if logging else None
+                if not engine.zero_optimization() and engine.is_gradient_accumulation_boundary() \
+                        and (logging or t.grad_clip > 0):
+                    grad_norm = clip_stage0_gradients(engine.module, t.grad_clip)  # DeepSpeed's is wrong under EP
                 engine.step()
                 state.data_position += 1
                 if weight:
@@ -110,7 +114,8 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
             else:
                 state.step += 1
                 run.logger.advance(state.step)
-            last = state.step >= t.max_steps or batches.exhausted or batches.stopping
+            state.train_seconds = clock.seconds()
+            last = state.step >= t.max_steps or batches.exhausted or batches.stopping or batches.out_of_time
             if logging or last:
                 _log(run, window, lr, grad_norm, flops)
             paused = time.perf_counter()
@@ -119,6 +124,11 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                 saved = save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
                                 is_best=is_best, tokenizer_dir=getattr(run.task, "tokenizer_dir", None))
             window.start += time.perf_counter() - paused  # throughput excludes eval and saves
+            if logging:
+                grad_norm = None
+    if batches.out_of_time and not batches.stopping:
+        run.logger.message(f"moetrain: time budget train.max_minutes={t.max_minutes:g} spent after step "
+                           f"{state.step} ({state.train_seconds / 60:.1f} min; final evaluation and checkpoint done)")
     if batches.stopping:
         run.logger.message(f"moetrain: stopped by SIGTERM after step {state.step} (checkpoint saved)")
     best = (f"; best {state.metric} {state.best_metric:.4g} at step {state.best_step}"
@@ -159,6 +169,20 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
     return Run(cfg, out_dir, info, task, engine, state, logger)
 
 
+class TrainingClock:
+    """Training time summed over resumed runs, against ``train.max_minutes``."""
+
+    def __init__(self, seconds_before: float, max_minutes: float | None):
+        self.start = time.monotonic() - seconds_before
+        self.budget = None if max_minutes is None else max_minutes * 60.0
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def spent(self) -> bool:
+        return self.budget is not None and self.seconds() >= self.budget
+
+
 class MicroBatches:
     """This rank's micro-batches, kept in step with the other ranks.
 
@@ -168,24 +192,30 @@ class MicroBatches:
     ranks and every parameter still receives a (zero) gradient, which ZeRO's bucketed reduction
     needs on every rank (an empty batch can leave parameters such as position biases without one).
     One tiny all-reduce per micro-batch decides which; it also carries ``stop_requested`` (set by
-    a signal on any rank) into ``stopping`` on every rank.
+    a signal on any rank) into ``stopping`` on every rank, and a spent time budget on any rank's
+    clock into ``out_of_time`` on every rank (the step in progress still completes).
     """
 
-    def __init__(self, task: Task, info: DistInfo, start: int, device: torch.device):
+    def __init__(self, task: Task, info: DistInfo, start: int, device: torch.device,
+                 clock: TrainingClock | None = None):
         self.iterator: Iterator = iter(task.train_batches(info.rank, info.world_size, start))
         self.info, self.device = info, device
         self.last = None
         self.exhausted = False
         self.stop_requested = False  # this rank got SIGTERM
         self.stopping = False  # some rank got SIGTERM: finish the step, save, return
+        self.clock = clock
+        self.out_of_time = False  # some rank's clock passed train.max_minutes: finish, evaluate, save
 
     def next(self) -> tuple[dict | None, int]:
         batch = next(self.iterator, None)
-        flags = torch.tensor([batch is not None, self.stop_requested], dtype=torch.long, device=self.device)
+        late = self.clock is not None and self.clock.spent()
+        flags = torch.tensor([batch is not None, self.stop_requested, late], dtype=torch.long, device=self.device)
         if self.info.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        have_batch, stop = flags.tolist()
+        have_batch, stop, late = flags.tolist()
         self.stopping = self.stopping or bool(stop)
+        self.out_of_time = self.out_of_time or bool(late)
         if not have_batch:
             self.exhausted = True
             return None, 0
@@ -250,18 +280,6 @@ def _maybe_evaluate(run: Run, last: bool) -> bool:
         return False
     state.best_metric, state.best_step = float(value), state.step
     return True
-
-
-def _stage0_grad_norm(engine) -> float | None:
-    """Global gradient norm at an accumulation boundary without ZeRO (DeepSpeed reports none).
-
-    Without ZeRO, expert parallelism is refused by config validation, so every gradient is
-    all-reduced and the local norm is the global one.
-    """
-    if engine.zero_optimization() or not engine.is_gradient_accumulation_boundary():
-        return None
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
 
 
 def _seed(seed: int) -> None:

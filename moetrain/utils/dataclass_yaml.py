@@ -209,6 +209,10 @@ def _coerce(value: Any, tp: Any, key: str, ctx: Context) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ctx.error(key, f"expected a list of {len(args)} values, got {_describe(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]", ctx) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ctx.error(key, f"expected a mapping, got {_describe(value)}")
+        return {_coerce(k, args[0], key, ctx): _coerce(v, args[1], f"{key}.{k}", ctx) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
