@@ -202,10 +202,12 @@ class DataConfig:
     """Dataset configuration when source is ``hub`` (e.g. ``de-en``)."""
 
     train_src: str | None = None
-    """Training source file (for ``tsv``/``jsonl``: the one file holding both sides)."""
+    """Training source file (for ``tsv``/``jsonl``: the one file holding both sides). With ``files``
+    also several, comma-separated and/or glob patterns (``news*.en``), paired in order with
+    ``train_tgt``'s (the same for valid/test)."""
 
     train_tgt: str | None = None
-    """Training target file (``files`` only)."""
+    """Training target file(s) (``files`` only)."""
 
     valid_src: str | None = None
     """Validation source file."""
@@ -313,7 +315,8 @@ class TrainConfig:
     evaluation and a checkpoint, as at max_steps. ``null`` = no budget."""
 
     precision: str = choices("fp32", "fp32", "bf16", "fp16")
-    """Training precision. bf16 requires parallel.zero_stage 1 or 2 (see validate)."""
+    """Training precision. bf16 under ZeRO-1/2 is DeepSpeed's (bf16 weights, fp32 master copy in the
+    optimizer); at ZeRO-0 it is torch.autocast over fp32 weights. fp16 needs a GPU and ZeRO-1/2."""
 
     log_every: int = 10
     """Steps between metric lines (JSONL, TensorBoard, progress bar)."""
@@ -804,13 +807,9 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
     # Measured with DeepSpeed 0.19.8 (deepspeed-ep notes, P2): without ZeRO the clipping norm
     # under EP > 1 averages per-rank norms (0.715 instead of 0.754), and bf16 falls back to
     # FP16_UnfusedOptimizer, which leaves expert gradients out of the norm and drifts.
-    # Measured with DeepSpeed 0.19.8 (deepspeed-ep notes, P2): without ZeRO, bf16 falls back to
-    # FP16_UnfusedOptimizer, which leaves expert gradients out of the clipping norm and drifts.
-    # (The stage-0 norm under EP > 1 is computed by moetrain itself: train/clipping.py.)
-    if t.precision == "bf16":
-        require(p.zero_stage in (1, 2), "parallel.zero_stage",
-                f"must be 1 or 2 with train.precision=bf16 (DeepSpeed's stage-0 bf16 optimizer leaves expert "
-                f"gradients out of the norm), got {p.zero_stage}")
+    # Without ZeRO, DeepSpeed's clipping norm is wrong under EP > 1 and its bf16 optimizer drifts
+    # (deepspeed-ep notes, P2): at ZeRO-0 moetrain clips itself (train/optim.py) and runs bf16 as
+    # torch.autocast over fp32 weights (train/distributed.py).
     # ZeRO-1/2 flatten each parameter group and give the optimizer one 1-D shard per rank: Adafactor
     # would factor nothing and scale by the RMS of a shard instead of a weight (measured: docs/training.md).
     if t.optimizer == "adafactor":
@@ -819,9 +818,8 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
                 f"changes what Adafactor computes; its factored state is already ~1/d of Adam's, so ZeRO-1 would "
                 f"save little). Use zero_stage 0 (expert parallelism works there), or train.optimizer=adamw with "
                 f"train.lr_scale under ZeRO-1/2; got {p.zero_stage}")
-        require(t.precision == "fp32", "train.precision",
-                f"must be fp32 with train.optimizer=adafactor (bf16/fp16 need ZeRO-1/2, see parallel.zero_stage), "
-                f"got {t.precision}")
+        require(t.precision != "fp16", "train.precision",
+                "must be fp32 or bf16 with train.optimizer=adafactor (fp16 needs ZeRO-1/2), got fp16")
 
 
 def _check_export(e: ExportConfig, require: Callable[[bool, str, str], None]) -> None:

@@ -193,7 +193,7 @@ def test_type_errors(tmp_path, override, fragment):
     (["train.lr_scale=10"], "train.lr_scale: expected a mapping"),
     (["train.lr_scale.embed=fast"], "train.lr_scale.embed: expected a number"),
     (["train.max_minutes=0"], "train.max_minutes: must be > 0 or null"),
-    (["train.precision=bf16"], "parallel.zero_stage: must be 1 or 2 with train.precision=bf16"),
+    (["train.optimizer=adafactor", "train.precision=fp16"], "train.precision: must be fp32 or bf16 with"),
     (["moe.capacity_factor=0"], "moe.capacity_factor: must be > 0 or null"),
     (["moe.eval_capacity_factor=-1"], "moe.eval_capacity_factor: must be > 0 or null"),
     (["moe.estimator=sparsemixr"], "did you mean 'sparsemixer'?"),

@@ -18,6 +18,7 @@ from moetrain.data.sources import (
     read_jsonl,
     read_parallel_files,
     read_tsv,
+    source_fingerprint,
 )
 
 PAIRS = [("A small dog.", "Ein kleiner Hund."), ("Two cats sleep.", "Zwei Katzen schlafen."),
@@ -122,6 +123,25 @@ def test_load_split_sources(tmp_path, parallel_files):
     assert load_split(files, "test") is None
     tsv = DataConfig(source="tsv", train_src=_write(tmp_path / "t.tsv", [f"{s}\t{t}" for s, t in PAIRS]))
     assert list(zip(*load_split(tsv, "train"))) == PAIRS
+
+
+def test_several_files_by_list_or_glob(tmp_path):
+    a = (_write(tmp_path / "news1.en", ["one", "two"]), _write(tmp_path / "news1.de", ["eins", "zwei"]))
+    b = (_write(tmp_path / "news2.en", ["three"]), _write(tmp_path / "news2.de", ["drei"]))
+    listed = DataConfig(source="files", train_src=f"{a[0]},{b[0]}", train_tgt=f"{a[1]},{b[1]}")
+    globbed = DataConfig(source="files", train_src=str(tmp_path / "news*.en"), train_tgt=str(tmp_path / "news*.de"))
+    want = [("one", "eins"), ("two", "zwei"), ("three", "drei")]
+    assert list(zip(*load_split(listed, "train"))) == want == list(zip(*load_split(globbed, "train")))
+    assert source_fingerprint(listed, "train") == source_fingerprint(globbed, "train")
+    _write(tmp_path / "news1.en", ["one", "two", "new"])  # the cache key follows every file
+    _write(tmp_path / "news1.de", ["eins", "zwei", "neu"])
+    assert source_fingerprint(globbed, "train") != source_fingerprint(listed, "valid")
+    with pytest.raises(DataError, match="names 2 file.s. but .* names 1"):
+        load_split(DataConfig(source="files", train_src=f"{a[0]},{b[0]}", train_tgt=a[1]), "train")
+    with pytest.raises(DataError, match="news1.en is paired with .*news2.de: names differ"):
+        load_split(DataConfig(source="files", train_src=f"{a[0]},{b[0]}", train_tgt=f"{b[1]},{a[1]}"), "train")
+    with pytest.raises(DataError, match=r"nothing\*.en: no file matches this pattern"):
+        load_split(DataConfig(source="files", train_src=str(tmp_path / "nothing*.en"), train_tgt=a[1]), "train")
 
 
 # -- cleaning --------------------------------------------------------------------------------

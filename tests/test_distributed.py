@@ -112,6 +112,8 @@ def two_ranks(tmp):
          "set": {"train.max_steps": 5, "moe.capacity_factor": 1.0, "train.eval_every": 2}},
         {"name": "clean", "out_dir": str(tmp / "clean"), "set": CLEAN},
         {"name": "clean_adafactor", "out_dir": str(tmp / "clean_adafactor"), "set": CLEAN_ADAFACTOR},
+        {"name": "bf16_autocast_ep2", "out_dir": str(tmp / "bf16_autocast_ep2"),
+         "set": {**OPTIM["adafactor_z0"], "train.precision": "bf16"}},
         {"name": "budget", "out_dir": str(tmp / "budget"),
          "set": {"train.max_minutes": 1e-4, "train.max_steps": 100, "train.eval_every": 50}},
         # What config validation refuses, measured: Adafactor on ZeRO-1's flat shards.
@@ -363,3 +365,15 @@ def test_time_budget_stops_all_ranks_with_final_eval_and_checkpoint(tmp, two_ran
     assert (tmp / "budget" / "checkpoints" / "latest").read_text() == name
     state = json.loads((tmp / "budget" / "checkpoints" / name / "trainer_state.json").read_text())
     assert state["train_seconds"] >= 1e-4 * 60
+
+
+def test_bf16_at_zero0_is_autocast_over_fp32_weights(tmp, two_ranks, single_rank):
+    """bf16 without ZeRO (Adafactor's case) runs as torch.autocast: EP=2, close to fp32 Adafactor,
+    and the optimizer keeps fp32 weights with their factored moments."""
+    assert result(tmp / "bf16_autocast_ep2", two_ranks)["ok"]
+    bf16 = [r["loss"] for r in train_records(tmp / "bf16_autocast_ep2")]
+    fp32 = [r["loss"] for r in train_records(tmp / "ref_adafactor")]
+    assert bf16 == pytest.approx(fp32, abs=5e-2) and bf16 != fp32
+    weights, moments = portable(tmp / "bf16_autocast_ep2", 4)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert set(moments["embed.weight"]) == {"row_var", "col_var"}

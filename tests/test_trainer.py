@@ -59,6 +59,13 @@ def test_generated_deepspeed_config():
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["zero_allow_untested_optimizer"]
 
 
+def test_zero0_clips_itself_and_runs_bf16_as_autocast():
+    t = TrainConfig(grad_clip=1.0, precision="bf16", optimizer="adafactor")
+    cfg = deepspeed_config(t, ParallelConfig(ep_size=2, zero_stage=0), on_gpu=False)
+    assert cfg["gradient_clipping"] == 0.0  # moetrain's own clipping (DeepSpeed's norm is wrong under EP)
+    assert not cfg["bf16"]["enabled"] and cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+
+
 def test_user_json_overrides_but_cannot_contradict(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "comms_logger": {}}))
@@ -112,6 +119,34 @@ def test_param_groups_split_experts_and_decay():
     assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert [g["name"] for g in param_groups(model, 0.0)] == ["dense", "ep_size_1"]
+
+
+def test_lr_scale_groups_and_their_rates():
+    model = TinyMoE()
+    groups = param_groups(model, 0.0, lr=1e-3, lr_scale={"embed": 10.0, r"experts\.\d+\.wo": 0.5})
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert by_param[id(model.embed.weight)] == pytest.approx(1e-2)
+    for expert in model.moe.deepspeed_moe.experts.deepspeed_experts:
+        assert by_param[id(expert.wo.weight)] == pytest.approx(5e-4) and by_param[id(expert.wi.weight)] == 1e-3
+    assert groups[0]["lr"] == 1e-3  # the unscaled group comes first: its rate is the one logged
+    assert all(g.get("moe") for g in groups if any(id(p) in {id(q) for q in model.moe.experts.parameters()}
+                                                   for p in g["params"]))
+    with pytest.raises(ValueError, match="train.lr_scale: pattern 'embedding' matches no parameter name"):
+        param_groups(model, 0.0, lr_scale={"embedding": 2.0})
+
+
+def test_clip_stage0_gradients_on_one_process():
+    from moetrain.train.optim import clip_stage0_gradients
+
+    model = TinyMoE()
+    model(torch.randint(0, 10, (2, 5))).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    assert clip_stage0_gradients(model, norm * 2) == pytest.approx(norm)  # above the norm: unchanged
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert clip_stage0_gradients(model, norm / 4) == pytest.approx(norm)
+    clipped = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+    assert clipped == pytest.approx(norm / 4, rel=1e-5)
 
 
 def test_flops_per_token_counts_top_k_experts():

@@ -25,6 +25,7 @@ counts each in a :class:`CleaningReport`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ import numpy as np
 
 from . import synthetic
 
-__all__ = ["DataError", "CleaningReport", "SPLITS", "HUB_SPLITS", "read_lines", "read_parallel_files",
+__all__ = ["DataError", "CleaningReport", "SPLITS", "HUB_SPLITS", "read_lines", "read_parallel_files", "read_parallel_file_lists", "expand_paths",
            "read_tsv", "read_jsonl", "load_hub_split", "load_split", "clean_text_pairs", "length_filter",
            "source_fingerprint", "split_paths"]
 
@@ -96,6 +97,46 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()  # the final newline does not start another line
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def expand_paths(spec: str) -> list[str]:
+    """``a.en,b.en`` or ``dir/*.en`` (or both, comma-separated) as a list of files, each glob sorted.
+
+    Raises:
+        DataError: a glob pattern that matches no file.
+    """
+    paths: list[str] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if glob.has_magic(part):
+            found = sorted(glob.glob(part))
+            if not found:
+                raise DataError(f"{part}: no file matches this pattern")
+            paths += found
+        elif part:
+            paths.append(part)
+    return paths
+
+
+def read_parallel_file_lists(src_spec: str, tgt_spec: str) -> tuple[list[str], list[str]]:
+    """Aligned file pairs given as comma lists or globs (``news*.en`` with ``news*.de``), in order.
+
+    The n-th source file pairs with the n-th target file, and their names without the language
+    suffix must agree (``newstest2012.en`` with ``newstest2012.de``), so a missing file cannot
+    shift every later pair.
+    """
+    srcs, tgts = expand_paths(src_spec), expand_paths(tgt_spec)
+    if len(srcs) != len(tgts):
+        raise DataError(f"{src_spec} names {len(srcs)} file(s) but {tgt_spec} names {len(tgts)}; "
+                        f"each source file needs its target file")
+    src, tgt = [], []
+    for a, b in zip(srcs, tgts):
+        if len(srcs) > 1 and Path(a).with_suffix("").name != Path(b).with_suffix("").name:
+            raise DataError(f"{a} is paired with {b}: names differ before the language suffix "
+                            f"(list the files in the same order)")
+        more_src, more_tgt = read_parallel_files(a, b)
+        src += more_src
+        tgt += more_tgt
+    return src, tgt
 
 
 def read_parallel_files(src_path: str | os.PathLike, tgt_path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -234,7 +275,7 @@ def load_split(data_cfg, split: str, seed: int = 1) -> tuple[list[str], list[str
     if source == "files":
         if tgt_path is None:
             raise DataError(f"data.{split}_tgt is required with data.source 'files' (data.{split}_src={src_path})")
-        return read_parallel_files(src_path, tgt_path)
+        return read_parallel_file_lists(src_path, tgt_path)
     if source == "tsv":
         return read_tsv(src_path)
     if source == "jsonl":
@@ -264,7 +305,9 @@ def source_fingerprint(data_cfg, split: str, seed: int = 1) -> str:
     else:
         if data_cfg.source == "hub":
             parts += [data_cfg.hub_name, data_cfg.hub_config]
-        for path in (src_path, tgt_path):
+        paths = [p for spec in (src_path, tgt_path) if spec is not None
+                 for p in (expand_paths(spec) if data_cfg.source == "files" else [spec])]
+        for path in paths:
             if path is not None and os.path.exists(path):
                 st = os.stat(path)
                 parts += [os.path.abspath(path), st.st_size, st.st_mtime_ns]

@@ -148,6 +148,12 @@ def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, on_gpu: bo
         _merge(config, user)
     if parallel.zero_stage == 0:
         config["gradient_clipping"] = 0.0  # the trainer clips with the right norm (optim.clip_stage0_gradients)
+        if train.precision == "bf16":
+            # DeepSpeed's stage-0 bf16 optimizer leaves expert gradients out of the clipping norm and
+            # drifts (docs/deepspeed-ep.md, Q5). torch.autocast instead: fp32 weights, gradients and
+            # optimizer (Adafactor sees whole fp32 weights), bf16 matmuls in the forward and backward.
+            config["bf16"] = {"enabled": False}
+            config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return config
 
 

@@ -166,15 +166,17 @@ class MetricsLogger:
         is_main: rank 0.
         max_steps / start_step: for the progress bar and ETA.
         layer_names: names of the MoE layers, in the order tasks report their stats.
+        budget_seconds: training time left under ``train.max_minutes`` (caps the ETA); None = none.
     """
 
     def __init__(self, out_dir: Path, is_main: bool, max_steps: int, start_step: int,
-                 layer_names: list[str] | None = None):
+                 layer_names: list[str] | None = None, budget_seconds: float | None = None):
         self.is_main = is_main
         self.max_steps = max_steps
         self.start_step = start_step
         self.layer_names = layer_names or []
         self.t0 = time.perf_counter()
+        self.deadline = None if budget_seconds is None else self.t0 + max(budget_seconds, 0.0)
         self.bar = self.tb = self.jsonl = None
         if not is_main:
             return
@@ -270,7 +272,10 @@ class MetricsLogger:
             self.bar.set_postfix(parts, refresh=False)
             return
         done = step - self.start_step
-        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.max_steps - step)
+        now = time.perf_counter()
+        eta = (now - self.t0) / max(done, 1) * (self.max_steps - step)
+        if self.deadline is not None:
+            eta = min(eta, max(self.deadline - now, 0.0))  # train.max_minutes ends the run first
         print(f"step {step}/{self.max_steps} " + " ".join(f"{k} {v}" for k, v in parts.items())
               + f" eta {_duration(eta)}", flush=True)
 

@@ -7,10 +7,10 @@
 other weights. AdamW moves every weight by about ``lr`` in absolute terms, so relative to its size
 the embedding (input *and* output layer) learns ~16x slower and real text sits on the unigram
 plateau for thousands of steps. Adafactor's step is ``lr x RMS(weight)`` times a normalised
-gradient: relative, the same for every weight. We take ``torch.optim.Adafactor`` (PyTorch core:
-no extra dependency, a foreach path, and exactly T5's relative-step rule ``min(lr, 1/sqrt(t))``
-x ``max(1e-3, RMS(w))`` with update clipping at RMS 1) rather than transformers' copy, whose
-relative-step mode ignores the LR scheduler.
+gradient: relative, the same for every weight. We take ``torch.optim.Adafactor`` (PyTorch core,
+T5's rule ``min(lr, 1/sqrt(t)) x max(1e-3, RMS(w))`` with update clipping at RMS 1, and the rate
+read from each parameter group, so the LR scheduler and ``lr_scale`` apply) rather than the copy
+in ``transformers.optimization``.
 
 **Why not under ZeRO-1/2.** ZeRO-1/2 flatten each parameter group and give the optimizer one 1-D
 shard per rank. Adafactor then factors nothing (a 1-D tensor keeps a full second moment) and

@@ -160,7 +160,8 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
         _seed(cfg.train.seed * 1_000_003 + 7919 * info.rank + state.step)  # dropout differs per rank
     layers = set(moe_layers(model))
     names = [name for name, m in model.named_modules() if m in layers]
-    logger = MetricsLogger(out_dir, info.is_main, cfg.train.max_steps, state.step, names)
+    budget = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60 - state.train_seconds
+    logger = MetricsLogger(out_dir, info.is_main, cfg.train.max_steps, state.step, names, budget)
     logger.message(f"moetrain: {info.world_size} rank(s), ep_size={cfg.parallel.ep_size}, "
                    f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.precision}, device {info.device}"
                    + (f"; resumed at step {state.step} from {ckpt}" if ckpt else ""))
