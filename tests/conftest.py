@@ -1,12 +1,40 @@
-"""Shared pytest fixtures. Keep this small: fixtures used by one file live in that file."""
+"""Shared pytest fixtures and helpers. Keep this small: what one file uses lives in that file."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Every test module runs torch on one intra-op thread.
+
+    The tensors in these tests are tiny: a second thread only adds synchronisation, which made
+    small matmuls 10-50x slower on a busy 2-core machine. Processes a test starts are not
+    affected (they get ``OMP_NUM_THREADS`` from the test where it matters).
+    """
+    import torch  # here, not at the top: test_config and test_cli need no torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a test's process group.
+
+    Another process may take it before the test binds it; on a test machine that is rare
+    enough that a retry is not worth the code.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -8,16 +8,6 @@ import torch
 from moetrain.moe.dispatch import LocalDispatcher, expert_capacity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which made
-    small matmuls 10-50x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     "tokens,experts,cf,floor,want",
     [

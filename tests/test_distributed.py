@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -55,9 +56,7 @@ def launch(spec: list[dict], tmp: Path, ranks: int, timeout: int = 240) -> subpr
     if ranks == 1:
         cmd = [sys.executable, str(SCRIPT), str(spec_file)]
     else:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
+        port = str(free_port())
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", port, str(SCRIPT), str(spec_file)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

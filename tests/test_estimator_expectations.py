@@ -17,15 +17,6 @@ from moetrain.moe.estimators import build_estimator, masked_gate
 from moetrain.moe.noise import STREAM_COIN, STREAM_COIN_2, STREAM_SAMPLE, STREAM_SAMPLE_2, FixedNoise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which made
-    small matmuls 10-50x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 F64 = torch.float64
 N, DIM = 4, 6
 

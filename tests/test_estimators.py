@@ -36,15 +36,6 @@ from moetrain.moe.noise import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which made
-    small matmuls 10-50x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 F64 = torch.float64
 TOL = 1e-12
 

@@ -38,14 +38,6 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_tokenizer(path, size: int = 24):
     """A word-level PreTrainedTokenizerFast with T5's special ids (0 pad, 1 eos, 2 unk)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -9,7 +9,6 @@ which would let a broken beam search pass).
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import traceback
 
@@ -23,17 +22,10 @@ from moetrain.export import export_to_hf
 from moetrain.models import build_model
 from moetrain.moe import MoELayer
 
+from conftest import free_port
 from test_models import reverse_batch, tiny_cfgs, train_reverse
 
 MAX_LENGTH = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -173,19 +165,13 @@ def _ep_worker(rank: int, port: int, weights: str, src, mask, expected: dict):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 def test_expert_parallel_decoding_steps_in_lockstep(trained, tmp_path):
     model, _, src, mask = trained
     weights = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     expected = {b: model.generate(src, mask, num_beams=b, max_length=MAX_LENGTH) for b in (1, 4)}
-    ctx = mp.spawn(_ep_worker, args=(_free_port(), str(weights), src, mask, expected), nprocs=2, join=False)
+    ctx = mp.spawn(_ep_worker, args=(free_port(), str(weights), src, mask, expected), nprocs=2, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:

@@ -12,13 +12,14 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -33,12 +34,6 @@ data: {vocab_size: 64}
 train: {max_steps: 3, lr: 1.0e-2, warmup_steps: 1, log_every: 1, eval_every: 0, save_every: 2, keep_last: 1}
 parallel: {ep_size: 2, zero_stage: 1}
 """
-
-
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 LAUNCH_VARS = ("NGPUS", "NPROC", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE",
@@ -141,7 +136,7 @@ def _check_run_dir(out: Path, steps: int) -> None:
 def test_cli_under_accelerate_with_deepspeed_plugin(tmp_path):
     (tmp_path / "toy.yaml").write_text(TOY_CONFIG)
     _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate_deepspeed.yaml", "--num_processes", "2",
-          "--main_process_port", _free_port(), "tests/dist_scripts/cli_toy.py", "train", str(tmp_path / "toy.yaml"),
+          "--main_process_port", str(free_port()), "tests/dist_scripts/cli_toy.py", "train", str(tmp_path / "toy.yaml"),
           "--output-dir", str(tmp_path / "run")], tmp_path)
     _check_run_dir(tmp_path / "run", 3)
     # keep_last 1: step 2 was pruned once step 3 was complete
@@ -164,7 +159,7 @@ def test_bench_train_prints_both_runs_and_the_ratio(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("moetrain.tasks.translation") is None,
                     reason="moetrain.tasks.translation not written yet")
 def test_tiny_recipe_through_deepspeed_script(tmp_path):
-    env_cmd = ["env", "NGPUS=2", f"MASTER_PORT={_free_port()}", "bash", "launch/deepspeed.sh", "configs/tiny.yaml",
+    env_cmd = ["env", "NGPUS=2", f"MASTER_PORT={free_port()}", "bash", "launch/deepspeed.sh", "configs/tiny.yaml",
                str(tmp_path / "run"), "--set", "parallel.ep_size=2", "parallel.zero_stage=1", "train.max_steps=2",
                "train.eval_every=0", "train.save_every=0", "train.log_every=1",
                "data.synthetic_num_valid=8", "train.beam_size=1", "train.max_decode_length=8"]

@@ -10,7 +10,6 @@ test after a timeout instead of blocking the suite.
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import traceback
 
@@ -18,6 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -147,14 +148,8 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_expert_parallel_matches_single_process():
-    ctx = mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=False)
+    ctx = mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

@@ -12,16 +12,6 @@ from moetrain.moe import MoELayer, RoutingNoise, counter_uniform, moe_layers, se
 from moetrain.moe.noise import STREAM_JITTER, STREAM_SAMPLE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which made
-    small matmuls 10-50x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(**kw) -> MoELayer:
     args = dict(d_model=6, d_ff=8, num_experts=4, estimator="switch", jitter_mode="none", capacity_factor=None,
                 min_capacity=0, init_seed=0)
