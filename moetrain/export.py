@@ -1,10 +1,11 @@
-"""Portable checkpoints, export to stock Hugging Face SwitchTransformers, and import from it.
+"""Export to stock Hugging Face SwitchTransformers, and import from it.
 
 Three directory formats meet here:
 
-* **portable** (written by the trainer, read by export): ``config.yaml`` (the resolved
-  RunConfig), ``model.safetensors`` (fp32 state dict of the ``ep_size=1`` model, experts under
-  their global ids) and ``tokenizer/`` (a ``PreTrainedTokenizerFast`` directory).
+* **portable** (written by the trainer, read by export; the format is
+  :mod:`moetrain.checkpoint_format`'s): ``config.yaml`` (the resolved RunConfig),
+  ``model.safetensors`` (fp32 state dict of the ``ep_size=1`` model, experts under their global
+  ids) and ``tokenizer/`` (a ``PreTrainedTokenizerFast`` directory).
 * **HF** (written by :func:`export_to_hf`): ``config.json``, ``model.safetensors`` (sharded
   above ``max_shard_size``), ``generation_config.json``, tokenizer files and
   ``moetrain_export.json`` (provenance, parity notes). It loads with
@@ -23,12 +24,9 @@ failure never leaves a half-written output. Names and shapes: :mod:`moetrain.hf_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from moetrain import __version__
+from moetrain.checkpoint_format import CheckpointNotFound, is_replaceable, read_portable
 from moetrain.hf_convert import (
     EXPORT_EXPERT_CAPACITY,
     ConversionError,
@@ -49,10 +48,11 @@ from moetrain.hf_convert import (
     to_hf,
 )
 
-__all__ = ["ExportError", "save_portable", "load_portable", "resolve_portable", "export_to_hf", "import_from_hf",
-           "load_hf_state_dict", "verify_export", "add_export_arguments", "main_export"]
+from moetrain.utils.atomic import atomic_dir
 
-PORTABLE_CONFIG, PORTABLE_WEIGHTS, PORTABLE_TOKENIZER = "config.yaml", "model.safetensors", "tokenizer"
+__all__ = ["ExportError", "export_to_hf", "import_from_hf", "load_hf_state_dict", "verify_export",
+           "add_export_arguments", "main_export"]
+
 HEADS_FILE, PROVENANCE_FILE = "moetrain_heads.safetensors", "moetrain_export.json"
 
 
@@ -60,43 +60,12 @@ class ExportError(ValueError):
     """Bad input to export/import; the message names the file or setting that is wrong."""
 
 
-# ---------------------------------------------------------------------------
-# Atomic directory writes
-# ---------------------------------------------------------------------------
-
-
-def _looks_replaceable(path: Path) -> bool:
-    """Only an empty directory or an earlier export/portable checkpoint may be replaced."""
-    if not path.exists():
-        return True
-    if not path.is_dir():
-        return False
-    names = {p.name for p in path.iterdir()}
-    return not names or "config.json" in names or {PORTABLE_CONFIG, PORTABLE_WEIGHTS} <= names
-
-
-@contextlib.contextmanager
 def _atomic_dir(out_dir: str | os.PathLike):
-    """Yield a temporary directory that replaces ``out_dir`` when the block succeeds."""
+    """:func:`~moetrain.utils.atomic.atomic_dir`, refusing a directory that is not an earlier output."""
     out = Path(out_dir)
-    if not _looks_replaceable(out):
+    if not is_replaceable(out):
         raise ExportError(f"{out} exists and is not an earlier export; choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a mkdir
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_dir(out)
 
 
 def _cpu_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -110,76 +79,6 @@ def _cpu_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         seen.add(ptr)
         out[key] = t
     return out
-
-
-# ---------------------------------------------------------------------------
-# Portable checkpoints
-# ---------------------------------------------------------------------------
-
-
-def save_portable(model_state_dict: dict[str, Tensor], cfg, tokenizer_dir: str | os.PathLike | None,
-                  out_dir: str | os.PathLike) -> Path:
-    """Write a portable checkpoint directory atomically.
-
-    Args:
-        model_state_dict: full state dict of the ``ep_size=1`` model (global expert ids);
-            stored as float32.
-        cfg: the resolved ``RunConfig`` (written as ``config.yaml``).
-        tokenizer_dir: a tokenizer directory copied to ``tokenizer/`` (None: none is copied,
-            and export will refuse the checkpoint).
-        out_dir: the directory to create (replaced if it is an earlier portable checkpoint).
-    """
-    from moetrain.config import config_to_yaml
-
-    weights = {k: v.float() for k, v in _cpu_tensors(model_state_dict).items()}
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise ExportError(f"tokenizer directory {tokenizer_dir} does not exist")
-    with _atomic_dir(out_dir) as tmp:
-        (tmp / PORTABLE_CONFIG).write_text(config_to_yaml(cfg))
-        save_file(weights, str(tmp / PORTABLE_WEIGHTS), metadata={"format": "pt", "moetrain": __version__})
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, tmp / PORTABLE_TOKENIZER)
-    return Path(out_dir)
-
-
-def _latest(checkpoints: Path) -> Path | None:
-    """``checkpoints/latest``: a symlink/directory, or a file naming the step directory."""
-    latest = checkpoints / "latest"
-    if latest.is_dir():
-        return latest
-    if latest.is_file():
-        return checkpoints / latest.read_text().strip()
-    return None
-
-
-def resolve_portable(path: str | os.PathLike) -> Path:
-    """Find the portable checkpoint a user means by ``path``.
-
-    Accepts a portable directory, a checkpoint directory holding ``portable/``, a run
-    directory (``checkpoints/latest``) or its ``checkpoints/`` directory.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise ExportError(f"checkpoint {root} does not exist")
-    candidates = [root, root / "portable"]
-    for checkpoints in (root / "checkpoints", root):
-        step = _latest(checkpoints)
-        if step is not None:
-            candidates += [step / "portable", step]
-    for c in candidates:
-        if (c / PORTABLE_CONFIG).is_file() and (c / PORTABLE_WEIGHTS).is_file():
-            return c
-    raise ExportError(f"no portable checkpoint at {root}: expected {PORTABLE_CONFIG} + {PORTABLE_WEIGHTS} there, "
-                      "in its portable/ subdirectory, or under checkpoints/latest/portable/ of a run directory")
-
-
-def load_portable(path: str | os.PathLike):
-    """``(state_dict, cfg)`` of a portable checkpoint (``path`` resolved by :func:`resolve_portable`)."""
-    from moetrain.config import load_config
-
-    portable = resolve_portable(path)
-    cfg = load_config(portable / PORTABLE_CONFIG)
-    return load_file(str(portable / PORTABLE_WEIGHTS)), cfg
 
 
 # ---------------------------------------------------------------------------
@@ -415,11 +314,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 
     Returns ``(out_dir, moetrain state dict, checkpoint's run config)`` so callers can verify.
     """
-    portable = resolve_portable(checkpoint)
-    state_dict, cfg = load_portable(portable)
-    tokenizer = portable / PORTABLE_TOKENIZER
-    if not tokenizer.is_dir():
-        raise ExportError(f"missing tokenizer: {tokenizer} does not exist (the HF export needs it)")
+    ckpt = read_portable(checkpoint)
+    portable, state_dict, cfg = ckpt.path, ckpt.weights, ckpt.cfg
+    tokenizer = ckpt.tokenizer_dir
+    if tokenizer is None:
+        raise ExportError(f"missing tokenizer: {portable / 'tokenizer'} does not exist (the HF export needs it)")
     out = out or cfg.export.out_dir
     if out is None:
         raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")
@@ -437,15 +336,15 @@ def main_export(args: argparse.Namespace) -> int:
     from moetrain.config import ConfigError
 
     try:
-        portable = resolve_portable(args.checkpoint)
-        if load_portable(portable)[1].task == "electra":  # the discriminator only, not the generator
+        portable = read_portable(args.checkpoint).path
+        if read_portable(portable).cfg.task == "electra":  # the discriminator only, not the generator
             return _export_electra(portable, args)
         out, state_dict, cfg = export_checkpoint(portable, getattr(args, "out", None),
                                                  getattr(args, "max_shard_size", None))
         if getattr(args, "verify", False):
             print(f"max |moetrain - HF| = {verify_export(out, state_dict, cfg.model, cfg.moe):.3g}")
         return 0
-    except (ExportError, ConversionError, ConfigError) as err:
+    except (ExportError, ConversionError, ConfigError, CheckpointNotFound) as err:
         print(f"moetrain export: {err}", file=sys.stderr)
         return 2
 
@@ -454,7 +353,7 @@ def _export_electra(portable: Path, args: argparse.Namespace) -> int:
     """``moetrain export`` of an ELECTRA run: its discriminator (+ RTD head), never the generator."""
     from moetrain.tasks.electra import export_discriminator
 
-    cfg = load_portable(portable)[1]
+    cfg = read_portable(portable).cfg
     out = getattr(args, "out", None) or cfg.export.out_dir
     if out is None:
         raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")

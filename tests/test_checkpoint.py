@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from moetrain import checkpoint_format as fmt
 from moetrain.config import RunConfig, save_config
 from moetrain.moe import MoELayer
 from moetrain.train import checkpoint as ck
@@ -21,28 +22,28 @@ from moetrain.train import checkpoint as ck
 
 def _step_dirs(root, *steps):
     for s in steps:
-        (root / ck.checkpoint_name(s)).mkdir(parents=True)
+        (root / fmt.checkpoint_name(s)).mkdir(parents=True)
 
 
 def test_prune_keeps_last_n_plus_latest_and_best(tmp_path):
     _step_dirs(tmp_path, 10, 20, 30, 40)
     (tmp_path / ".tmp-step_00000050").mkdir()
-    ck._write_text(tmp_path / "latest", "step_00000040")
-    ck._write_text(tmp_path / "best", "step_00000010")
-    ck._prune(tmp_path, keep_last=2)
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000010", "step_00000030", "step_00000040"]
+    fmt.write_pointer(tmp_path / "latest", "step_00000040")
+    fmt.write_pointer(tmp_path / "best", "step_00000010")
+    fmt.prune(tmp_path, keep_last=2)
+    assert [p.name for p in fmt.list_checkpoints(tmp_path)] == ["step_00000010", "step_00000030", "step_00000040"]
     assert not list(tmp_path.glob(".latest.tmp"))  # the pointer was replaced atomically
-    ck._prune(tmp_path, keep_last=0)  # 0 = keep everything
-    assert len(ck.list_checkpoints(tmp_path)) == 3
+    fmt.prune(tmp_path, keep_last=0)  # 0 = keep everything
+    assert len(fmt.list_checkpoints(tmp_path)) == 3
 
 
 def test_publish_replaces_a_step_saved_before(tmp_path):
     _step_dirs(tmp_path, 10, 20)
-    ck._write_text(tmp_path / "latest", "step_00000020")
+    fmt.write_pointer(tmp_path / "latest", "step_00000020")
     tmp = tmp_path / ".tmp-step_00000020"
     tmp.mkdir()
     (tmp / "new").write_text("x")
-    ck._publish(tmp_path, tmp, "step_00000020", is_best=True)
+    fmt.publish(tmp_path, tmp, "step_00000020", is_best=True)
     assert (tmp_path / "step_00000020" / "new").exists() and not tmp.exists()
     assert (tmp_path / "latest").read_text() == "step_00000020" == (tmp_path / "best").read_text()
     assert not list(tmp_path.glob(".tmp-*"))
@@ -50,32 +51,32 @@ def test_publish_replaces_a_step_saved_before(tmp_path):
 
 def test_resolve_resume(tmp_path):
     root = tmp_path / "checkpoints"
-    assert ck.resolve_resume(None, root) is None
-    assert ck.resolve_resume("latest", root) is None  # a fresh run: nothing to resume yet
+    assert fmt.resolve_resume(None, root) is None
+    assert fmt.resolve_resume("latest", root) is None  # a fresh run: nothing to resume yet
     _step_dirs(root, 5)
-    ck._write_text(root / "latest", "step_00000005")
-    assert ck.resolve_resume("latest", root) == root / "step_00000005"
-    assert ck.resolve_resume(str(root), tmp_path / "elsewhere") == root / "step_00000005"
-    assert ck.resolve_resume(str(root / "step_00000005"), root) == root / "step_00000005"
+    fmt.write_pointer(root / "latest", "step_00000005")
+    assert fmt.resolve_resume("latest", root) == root / "step_00000005"
+    assert fmt.resolve_resume(str(root), tmp_path / "elsewhere") == root / "step_00000005"
+    assert fmt.resolve_resume(str(root / "step_00000005"), root) == root / "step_00000005"
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        ck.resolve_resume(str(tmp_path / "missing"), root)
+        fmt.resolve_resume(str(tmp_path / "missing"), root)
 
 
 def test_global_expert_names():
     layers = {"enc.1.ffn": SimpleNamespace(ep_rank=1, num_local_experts=2)}
     local = "enc.1.ffn.deepspeed_moe.experts.deepspeed_experts.1.wi.weight"
-    key, layer = ck._global_key(local, layers)
+    key, layer = fmt.global_key(local, layers)
     assert key == "enc.1.ffn.deepspeed_moe.experts.deepspeed_experts.3.wi.weight" and layer is layers["enc.1.ffn"]
-    assert ck._global_key("enc.1.ffn.router.classifier.weight", layers) == ("enc.1.ffn.router.classifier.weight", None)
+    assert fmt.global_key("enc.1.ffn.router.classifier.weight", layers) == ("enc.1.ffn.router.classifier.weight", None)
 
 
 def test_trainer_state_roundtrip_and_best(tmp_path):
-    state = ck.TrainerState(step=7, data_position=14, metric="bleu", higher_is_better=True)
+    state = fmt.TrainerState(step=7, data_position=14, metric="bleu", higher_is_better=True)
     assert state.improves(1.0)
     state.best_metric = 3.0
     assert state.improves(3.5) and not state.improves(2.0)
     (tmp_path / "s.json").write_text(json.dumps({**asdict(state), "future_field": 1}))
-    assert ck.TrainerState.from_json(tmp_path / "s.json") == state
+    assert fmt.TrainerState.from_json(tmp_path / "s.json") == state
 
 
 class Net(nn.Module):
@@ -91,7 +92,7 @@ def _portable(tmp_path, model, cfg):
     weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(path / "model.safetensors"))
     save_config(cfg, path / "config.yaml")
-    (path / "trainer_state.json").write_text(json.dumps(asdict(ck.TrainerState(step=3))))
+    (path / "trainer_state.json").write_text(json.dumps(asdict(fmt.TrainerState(step=3))))
     return path
 
 
@@ -126,10 +127,10 @@ def test_read_portable(tmp_path):
     cfg = RunConfig(name="probe")
     model = Net()
     path = _portable(tmp_path, model, cfg)
-    loaded_cfg, weights, state = ck.read_portable(tmp_path)  # the step directory works too
-    assert loaded_cfg.name == "probe" and state.step == 3
-    assert torch.equal(weights["embed.weight"], model.embed.weight.detach())
-    assert ck.read_portable(path)[2].step == 3
+    ckpt = fmt.read_portable(tmp_path)  # the step directory works too
+    assert ckpt.cfg.name == "probe" and ckpt.state.step == 3
+    assert torch.equal(ckpt.weights["embed.weight"], model.embed.weight.detach())
+    assert fmt.read_portable(path).state.step == 3
 
 
 def test_rng_roundtrip_without_pickle(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moetrain.checkpoint_format import read_portable, resolve_portable, save_portable
 from moetrain.config import load_config
 from moetrain.export import (
     ExportError,
@@ -21,10 +22,7 @@ from moetrain.export import (
     export_to_hf,
     import_from_hf,
     load_hf_state_dict,
-    load_portable,
     main_export,
-    resolve_portable,
-    save_portable,
     verify_export,
 )
 from moetrain.hf_convert import EXPORT_EXPERT_CAPACITY, ConversionError, hf_num_sparse_layers, hf_sparse_layers
@@ -322,7 +320,8 @@ def test_portable_and_cli_export(tmp_path, repo_root, capsys):
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000020\n")
     for where in (step / "portable", step, tmp_path / "run", tmp_path / "run" / "checkpoints"):
         assert resolve_portable(where) == step / "portable"
-    state, loaded = load_portable(tmp_path / "run")
+    ckpt = read_portable(tmp_path / "run")
+    state, loaded = ckpt.weights, ckpt.cfg
     assert loaded == cfg and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
     assert main_export(_parse([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--verify"])) == 0

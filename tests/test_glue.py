@@ -185,7 +185,7 @@ def test_finetune_from_random_init_beats_the_majority_class(sentiment, tmp_path)
 @pytest.fixture(scope="module")
 def checkpoint(sentiment, tmp_path_factory):
     """A portable ELECTRA checkpoint (untrained weights), as the trainer writes it."""
-    from moetrain.export import save_portable
+    from moetrain.checkpoint_format import save_portable
     from moetrain.models.electra import ElectraModel
 
     root = tmp_path_factory.mktemp("ckpt")

@@ -85,11 +85,10 @@ def test_empty_batch_runs(tiny):
 
 def test_trainer_loss_decreases_then_average_and_cli(tiny, tmp_path, capsys):
     """A few real trainer steps, then the checkpoint tools on what they wrote."""
+    from moetrain.checkpoint_format import average_checkpoints, last_checkpoints
     from moetrain.tasks.translation import (
         add_evaluate_arguments,
         add_translate_arguments,
-        average_checkpoints,
-        last_checkpoints,
         main_evaluate,
         main_translate,
     )

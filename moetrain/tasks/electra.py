@@ -175,7 +175,7 @@ class ElectraTask:
 
     def _resume_tokenizer_dir(self) -> Path | None:
         """The tokenizer saved with the checkpoint ``train.resume`` names, if any."""
-        from moetrain.train.checkpoint import resolve_resume
+        from moetrain.checkpoint_format import resolve_resume
 
         try:
             ckpt = resolve_resume(self.cfg.train.resume, self.out_dir / "checkpoints")
@@ -301,15 +301,15 @@ def export_discriminator(checkpoint: str | os.PathLike, out_dir: str | os.PathLi
     Returns:
         ``{"out_dir", "max_abs_diff" (when verify)}``.
     """
-    from moetrain.export import PORTABLE_TOKENIZER, export_to_hf, load_portable, resolve_portable, verify_export
+    from moetrain.checkpoint_format import read_portable
+    from moetrain.export import export_to_hf, verify_export
 
-    portable = resolve_portable(checkpoint)
-    state, cfg = load_portable(portable)
+    ckpt = read_portable(checkpoint)
+    portable, state, cfg = ckpt.path, ckpt.weights, ckpt.cfg
     keep = {k: v for k, v in state.items() if k.startswith(("discriminator.", "rtd_head."))}
     if not any(k.startswith("discriminator.") for k in keep):
         raise ValueError(f"{portable}: no 'discriminator.*' weights; expected an ELECTRA checkpoint (task electra)")
-    tokenizer = portable / PORTABLE_TOKENIZER
-    export_to_hf(keep, cfg.model, cfg.moe, out_dir, tokenizer if tokenizer.is_dir() else None,
+    export_to_hf(keep, cfg.model, cfg.moe, out_dir, ckpt.tokenizer_dir,
                  max_shard_size=max_shard_size, prefix="discriminator.", source=str(portable))
     result: dict[str, Any] = {"out_dir": str(out_dir)}
     if verify:

@@ -77,10 +77,11 @@ def load_start_point(cfg, out_dir: Path, train_texts=None) -> StartPoint:
     ``data.tokenizer`` or a vocabulary trained on ``train_texts`` (batches of strings).
 
     Raises:
-        ExportError: no portable checkpoint at ``glue.pretrained``.
+        CheckpointNotFound: no portable checkpoint at ``glue.pretrained``.
         TextDataError: a tokenizer that does not match the checkpoint, or is missing.
     """
-    from moetrain.export import PORTABLE_TOKENIZER, _split_prefix, load_portable, resolve_portable
+    from moetrain.checkpoint_format import TOKENIZER, read_portable
+    from moetrain.export import _split_prefix
     from moetrain.tasks.electra import tokenizers_match
 
     g, data = cfg.glue, cfg.data
@@ -95,9 +96,9 @@ def load_start_point(cfg, out_dir: Path, train_texts=None) -> StartPoint:
         check_tokenizer(tokenizer, tok_dir, cfg.model.vocab_size, cfg.model.pad_token_id)
         return StartPoint(cfg.model, cfg.moe, tokenizer, tok_dir, None, "random init (no checkpoint)")
 
-    portable = resolve_portable(g.pretrained)
-    state, saved = load_portable(portable)
-    saved_tok = portable / PORTABLE_TOKENIZER
+    ckpt = read_portable(g.pretrained)
+    portable, state, saved = ckpt.path, ckpt.weights, ckpt.cfg
+    saved_tok = portable / TOKENIZER
     if given is not None:
         tokenizer, tok_dir = _load_tokenizer(given), given
         if saved_tok.is_dir() and not tokenizers_match(tokenizer, _load_tokenizer(saved_tok)):

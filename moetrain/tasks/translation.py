@@ -39,7 +39,7 @@ from moetrain.eval.bleu import bleu_report
 
 from .base import LossOutput
 
-__all__ = ["TranslationTask", "label_smoothed_nll_loss", "average_checkpoints", "Translator",
+__all__ = ["TranslationTask", "label_smoothed_nll_loss", "Translator",
            "add_evaluate_arguments", "main_evaluate", "add_translate_arguments", "main_translate"]
 
 
@@ -165,56 +165,6 @@ class TranslationTask:
 
 
 # ---------------------------------------------------------------------------
-# Checkpoint averaging
-# ---------------------------------------------------------------------------
-
-
-def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Tensor]:
-    """Element-wise mean of the weights of several portable checkpoints (float32 result).
-
-    Args:
-        paths: portable directories, step directories holding ``portable/``, or run dirs.
-
-    Raises:
-        ValueError: no paths, or the checkpoints disagree on parameter names or shapes.
-    """
-    from moetrain.export import resolve_portable
-    from safetensors.torch import load_file
-
-    if not paths:
-        raise ValueError("average_checkpoints needs at least one checkpoint")
-    total: dict[str, Tensor] = {}
-    first = None
-    for path in paths:
-        portable = resolve_portable(path)
-        state = load_file(str(portable / "model.safetensors"))
-        if first is None:
-            first = portable
-            total = {k: v.double() for k, v in state.items()}
-            continue
-        if state.keys() != total.keys():
-            diff = sorted(set(state) ^ set(total))[:5]
-            raise ValueError(f"{portable} and {first} have different parameters (e.g. {diff})")
-        for key, value in state.items():
-            if value.shape != total[key].shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} in {portable} but {tuple(total[key].shape)} "
-                                 f"in {first}")
-            total[key] += value.double()
-    return {k: (v / len(paths)).float() for k, v in total.items()}
-
-
-def last_checkpoints(run_dir: str | Path, n: int) -> list[Path]:
-    """The ``n`` newest ``step_*`` directories of a run (or of its ``checkpoints/``), oldest first."""
-    root = Path(run_dir)
-    root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:]))
-    if len(steps) < n:
-        raise ValueError(f"{root}: asked to average the last {n} checkpoints but found {len(steps)}")
-    return steps[-n:]
-
-
-# ---------------------------------------------------------------------------
 # Inference
 # ---------------------------------------------------------------------------
 
@@ -248,19 +198,13 @@ class Translator:
 
             model = SwitchTransformersForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
             return cls(model, AutoTokenizer.from_pretrained(str(path)), hf=True, device=device), None
-        from moetrain.export import load_portable, resolve_portable
+        from moetrain.checkpoint_format import TOKENIZER, last_checkpoints, read_averaged, read_portable
         from moetrain.models import build_model
 
-        if average_last > 0:
-            checkpoints = last_checkpoints(path, average_last)
-            state, cfg = average_checkpoints(checkpoints), load_portable(checkpoints[-1])[1]
-            portable = resolve_portable(checkpoints[-1])
-        else:
-            state, cfg = load_portable(path)
-            portable = resolve_portable(path)
-        model = build_model(cfg.model, cfg.moe)
-        model.load_state_dict(state)
-        return cls(model, load_tokenizer(portable / "tokenizer"), device=device), cfg
+        ckpt = read_averaged(last_checkpoints(path, average_last)) if average_last > 0 else read_portable(path)
+        model = build_model(ckpt.cfg.model, ckpt.cfg.moe)
+        model.load_state_dict(ckpt.weights)
+        return cls(model, load_tokenizer(ckpt.path / TOKENIZER), device=device), ckpt.cfg
 
     @torch.no_grad()
     def translate(self, sentences: Sequence[str], *, beam_size: int = 4, length_penalty: float = 0.6,

@@ -1,22 +1,9 @@
-"""Checkpoints: atomic saves, exact resume, and a portable form keyed by global expert id.
+"""Checkpoints of a DeepSpeed run: save every rank's part atomically, resume exactly or portably.
 
-Layout under ``<run dir>/checkpoints/``::
-
-    step_00001000/
-      engine/                 DeepSpeed's own files (engine.save_checkpoint): per-rank ZeRO
-                              optimizer shards, one file per global expert, the LR scheduler
-      rng/rank_00000.pt       each rank's RNG states (DeepSpeed does not save them)
-      trainer_state.json      step, data position, best metric, topology it was written on
-      portable/               topology-free copy, read by ``moetrain export`` too:
-        config.yaml             the resolved run config
-        model.safetensors       full fp32 state dict as an ep_size=1 model names it
-                                (expert keys carry GLOBAL ids: ...deepspeed_experts.<g>...)
-        optimizer.pt            optimizer state tensors per parameter name (AdamW moments or
-                                Adafactor's factored moments), step, optimizer name, LR scheduler
-        trainer_state.json      as above
-        tokenizer/              copy of the task's ``tokenizer_dir`` (when it has one)
-    latest                    name of the newest complete checkpoint (written last)
-    best                      name of the checkpoint with the best eval metric
+The files and directories are those of :mod:`moetrain.checkpoint_format`, which owns the layout
+(and documents it); this module adds what needs a live engine: gathering fp32 weights and
+optimizer state under global expert ids on rank 0, DeepSpeed's own files, RNG states, and
+restoring all of that into a new engine.
 
 **Atomic.** Every rank writes into ``.tmp-step_X/``; after a barrier rank 0 renames it to
 ``step_X`` and only then replaces ``latest`` (itself written to a temporary file and
@@ -35,12 +22,8 @@ crashes at EP > 1 and loading at another EP size silently misplaces optimizer st
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
-import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetrain.config import RunConfig, load_config, save_config
+from moetrain import checkpoint_format as fmt
+from moetrain.checkpoint_format import TrainerState, checkpoint_name, global_key, resolve_resume
+from moetrain.config import RunConfig, load_config
+from moetrain.utils.atomic import write_text_synced
 
 from .distributed import DistInfo, barrier
 
 __all__ = ["TrainerState", "CheckpointMismatch", "save_checkpoint", "load_checkpoint", "resolve_resume",
-           "gather_portable", "read_portable", "checkpoint_name", "list_checkpoints", "ARCH_KEYS"]
-
-ENGINE_TAG = "engine"
-PORTABLE = "portable"
-_EXPERT_RE = re.compile(r"^(?P<layer>.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<rest>.*)$")
-_STEP_RE = re.compile(r"^step_(\d+)$")
+           "gather_portable", "restore_portable", "check_compatible", "expected_global_shapes", "ARCH_KEYS"]
 
 #: Config keys that change parameter shapes or names: a checkpoint must agree on all of them.
 ARCH_KEYS = ("model.arch", "model.vocab_size", "model.d_model", "model.d_kv", "model.d_ff", "model.num_layers",
@@ -70,54 +51,9 @@ class CheckpointMismatch(ValueError):
     """The checkpoint was written for another model; nothing was loaded or overwritten."""
 
 
-@dataclass
-class TrainerState:
-    """What the loop needs besides weights and optimizer to continue where it stopped.
-
-    Attributes:
-        step: optimizer steps completed.
-        data_position: micro-batches each rank has consumed (``train_batches(start_step=...)``).
-        best_metric / best_step: best evaluation so far (``metric`` decides which is best).
-        metric / higher_is_better: the evaluation key that ranks checkpoints.
-        topology: world_size, ep_size, zero_stage, precision the checkpoint was written with.
-        train_seconds: wall-clock seconds trained so far, over all resumed runs (train.max_minutes).
-    """
-
-    step: int = 0
-    data_position: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    metric: str = "loss"
-    higher_is_better: bool = False
-    topology: dict[str, Any] = field(default_factory=dict)
-    train_seconds: float = 0.0
-
-    def improves(self, value: float) -> bool:
-        if self.best_metric is None:
-            return True
-        return value > self.best_metric if self.higher_is_better else value < self.best_metric
-
-    @classmethod
-    def from_json(cls, path: Path) -> "TrainerState":
-        raw = json.loads(Path(path).read_text())
-        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-
 def topology(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
     return {"world_size": info.world_size, "ep_size": cfg.parallel.ep_size,
             "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision}
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete step directories under ``root``, oldest first (``.tmp-*`` never counts)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,65 +77,23 @@ def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, inf
     tmp = root / f".tmp-{name}"
     state.topology = topology(cfg, info)
     if info.is_main:
-        for stale in root.glob(".tmp-*"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
+        fmt.remove_stale(root)  # left by a run killed while saving
         tmp.mkdir(parents=True, exist_ok=True)
     barrier()
 
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-    _save_rng(tmp / "rng" / f"rank_{info.rank:05d}.pt")
+    engine.save_checkpoint(str(tmp), tag=fmt.ENGINE_DIR, save_latest=False)
+    _save_rng(tmp / fmt.RNG_DIR / f"rank_{info.rank:05d}.pt")
     weights, optim = gather_portable(engine, info)
     if info.is_main:
-        _write_portable(tmp / PORTABLE, weights, optim, engine, state, cfg, tokenizer_dir)
-        _write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
+        _write_portable(tmp / fmt.PORTABLE, weights, optim, engine, state, cfg, tokenizer_dir)
+        write_text_synced(tmp / fmt.TRAINER_STATE, state.to_json())
     barrier()  # every rank's files are in tmp
 
     if info.is_main:
-        _publish(root, tmp, name, is_best)
-        _prune(root, keep_last)
+        fmt.publish(root, tmp, name, is_best)
+        fmt.prune(root, keep_last)
     barrier()
     return root / name
-
-
-def _publish(root: Path, tmp: Path, name: str, is_best: bool) -> None:
-    """Rename the finished ``tmp`` to ``root/name``, then move ``latest`` (the commit point)."""
-    final = root / name
-    if final.exists():  # this step was saved before (training resumed from an earlier checkpoint)
-        latest = root / "latest"
-        if latest.exists() and latest.read_text().strip() == name:
-            # Never leave `latest` naming a directory that is being replaced.
-            others = [p.name for p in list_checkpoints(root) if p.name != name]
-            if others:
-                _write_text(latest, others[-1])
-            else:
-                latest.unlink()
-        old = root / f".tmp-old-{name}"
-        final.rename(old)
-        shutil.rmtree(old)
-    tmp.rename(final)
-    _write_text(root / "latest", name)
-    if is_best:
-        _write_text(root / "best", name)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Replace ``path`` atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    protected = {(root / ref).read_text().strip() for ref in ("latest", "best") if (root / ref).exists()}
-    complete = list_checkpoints(root)
-    for path in complete[: max(len(complete) - keep_last, 0)]:
-        if path.name not in protected:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _save_rng(path: Path) -> None:
@@ -237,20 +131,6 @@ def _expert_layers(model: nn.Module) -> dict[str, Any]:
     from deepspeed.moe.layer import MoE
 
     return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
-
-
-def _global_key(key: str, layers: dict[str, Any]) -> tuple[str, Any]:
-    """Local state-dict key -> (ep_size=1 key, owning MoE layer or None)."""
-    match = _EXPERT_RE.match(key)
-    if match is None or match["layer"] not in layers:
-        return key, None
-    layer = layers[match["layer"]]
-    global_id = layer.ep_rank * layer.num_local_experts + int(match["id"])
-    return _expert_key(match["layer"], global_id, match["rest"]), layer
-
-
-def _expert_key(layer: str, expert_id: int, rest: str) -> str:
-    return f"{layer}.deepspeed_moe.experts.deepspeed_experts.{expert_id}.{rest}"
 
 
 def _zero_optimizer(engine):
@@ -318,7 +198,7 @@ def gather_portable(engine, info: DistInfo) -> tuple[dict | None, dict | None]:
     # Every rank walks the same keys in the same order: the safe_get_* calls are collectives
     # over each parameter's data-parallel group.
     for key, tensor in model.state_dict(keep_vars=True).items():
-        gkey, layer = _global_key(key, layers)
+        gkey, layer = global_key(key, layers)
         param = params.get(key)
         moments = {}
         value = tensor.detach()  # buffers, and parameters outside the optimizer (frozen)
@@ -353,65 +233,17 @@ def _cpu32(t: torch.Tensor) -> torch.Tensor:
 
 def _write_portable(path: Path, weights: dict, moments: dict, engine, state: TrainerState, cfg: RunConfig,
                     tokenizer_dir) -> None:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt", "moetrain_step": str(state.step)})
-    # "adam_step" keeps its first name: checkpoints written before Adafactor existed read the same.
-    torch.save({"adam_step": _optimizer_step(engine), "optimizer": cfg.train.optimizer, "moments": moments,
-                "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None},
-               path / "optimizer.pt")
-    save_config(cfg, path / "config.yaml")
-    (path / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-    if tokenizer_dir is not None and Path(tokenizer_dir).exists():
-        src = Path(tokenizer_dir)
-        if src.is_dir():
-            shutil.copytree(src, path / "tokenizer")
-        else:
-            (path / "tokenizer").mkdir()
-            shutil.copy2(src, path / "tokenizer" / src.name)
-
-
-def read_portable(path: str | os.PathLike) -> tuple[RunConfig, dict[str, torch.Tensor], TrainerState]:
-    """``(config, fp32 state dict with global expert ids, trainer state)`` of a portable dir.
-
-    ``path`` may be the ``portable`` directory or the step directory holding it (what the HF
-    exporter and evaluation scripts read; no distributed setup needed).
-    """
-    from safetensors.torch import load_file
-
-    path = _portable_dir(Path(path))
-    cfg = load_config(path / "config.yaml")
-    return cfg, load_file(str(path / "model.safetensors")), TrainerState.from_json(path / "trainer_state.json")
-
-
-def _portable_dir(path: Path) -> Path:
-    return path / PORTABLE if (path / PORTABLE).is_dir() else path
+    """Rank 0's part of a save: the portable files (a separate function so that tests can stop a
+    run right after it, before the checkpoint is published)."""
+    optimizer = {"adam_step": _optimizer_step(engine), "optimizer": cfg.train.optimizer, "moments": moments,
+                 "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None}
+    fmt.write_portable(path, weights, cfg, metadata={"format": "pt", "moetrain_step": str(state.step)}, state=state,
+                       optimizer=optimizer, tokenizer=tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------
-
-
-def resolve_resume(resume: str | None, root: Path) -> Path | None:
-    """The checkpoint directory named by ``train.resume``.
-
-    ``latest`` (or ``auto``) reads ``root/latest`` and gives None when no checkpoint exists
-    yet (a fresh run). Any other value is a step directory, a ``portable`` directory, or a
-    checkpoints root holding a ``latest`` file.
-    """
-    if resume is None:
-        return None
-    if resume in ("latest", "auto"):
-        pointer = root / "latest"
-        return root / pointer.read_text().strip() if pointer.exists() else None
-    path = Path(resume)
-    if (path / "latest").is_file() and not (path / "trainer_state.json").exists():
-        path = path / (path / "latest").read_text().strip()
-    if not path.exists():
-        raise FileNotFoundError(f"train.resume: no checkpoint at {path}")
-    return path
 
 
 def load_checkpoint(engine, path: Path, cfg: RunConfig, info: DistInfo) -> tuple[TrainerState, bool]:
@@ -425,26 +257,26 @@ def load_checkpoint(engine, path: Path, cfg: RunConfig, info: DistInfo) -> tuple
         CheckpointMismatch: the checkpoint was written for another architecture, expert
             count or vocabulary (checked before anything is loaded).
     """
-    portable = _portable_dir(path)
-    saved_cfg = load_config(portable / "config.yaml")
-    check_compatible(saved_cfg, cfg, portable / "model.safetensors", engine.module)
+    portable = fmt.portable_dir(path)
+    saved_cfg = load_config(portable / fmt.CONFIG)
+    check_compatible(saved_cfg, cfg, portable / fmt.WEIGHTS, engine.module)
     if saved_cfg.train.optimizer != cfg.train.optimizer:
         raise CheckpointMismatch(f"checkpoint {path} was trained with train.optimizer={saved_cfg.train.optimizer} "
                                  f"and this run uses {cfg.train.optimizer}: its optimizer state does not carry over "
                                  f"(nothing was loaded or overwritten); resume with "
                                  f"--set train.optimizer={saved_cfg.train.optimizer}")
-    state = TrainerState.from_json(portable / "trainer_state.json")
-    exact = portable != path and (path / ENGINE_TAG).is_dir() and state.topology == topology(cfg, info)
+    state = TrainerState.from_json(portable / fmt.TRAINER_STATE)
+    exact = portable != path and (path / fmt.ENGINE_DIR).is_dir() and state.topology == topology(cfg, info)
     if exact:
-        loaded, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+        loaded, _ = engine.load_checkpoint(str(path), tag=fmt.ENGINE_DIR, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if loaded is None:
-            raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {path / ENGINE_TAG}")
-        rng = path / "rng" / f"rank_{info.rank:05d}.pt"
+            raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {path / fmt.ENGINE_DIR}")
+        rng = path / fmt.RNG_DIR / f"rank_{info.rank:05d}.pt"
         if rng.exists():
             _load_rng(rng)
     else:
-        load_portable(engine, portable, cfg)
+        restore_portable(engine, portable)
     state.topology = topology(cfg, info)
     return state, exact
 
@@ -478,16 +310,16 @@ def expected_global_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     layers = _expert_layers(model)
     shapes = {}
     for key, tensor in model.state_dict().items():
-        match = _EXPERT_RE.match(key)
+        match = fmt.EXPERT_KEY.match(key)
         if match is not None and match["layer"] in layers:
             for g in range(layers[match["layer"]].num_experts):
-                shapes[_expert_key(match["layer"], g, match["rest"])] = tuple(tensor.shape)
+                shapes[fmt.expert_key(match["layer"], g, match["rest"])] = tuple(tensor.shape)
         else:
             shapes[key] = tuple(tensor.shape)
     return shapes
 
 
-def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
+def restore_portable(engine, portable: Path) -> None:
     """Set weights, optimizer state and step, and the LR schedule from a portable directory.
 
     Under ZeRO-1/2 (AdamW only) the moments go through ``safe_set_full_optimizer_state`` into
@@ -497,8 +329,8 @@ def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from safetensors.torch import load_file
 
-    weights = load_file(str(portable / "model.safetensors"))
-    optim = torch.load(portable / "optimizer.pt", weights_only=True)
+    weights = load_file(str(portable / fmt.WEIGHTS))
+    optim = fmt.read_optimizer(portable)
     model, zero, base = engine.module, _zero_optimizer(engine), _base_optimizer(engine)
     layers = _expert_layers(model)
     adam_step = int(optim["adam_step"])
@@ -506,7 +338,7 @@ def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
         _init_adam_state(engine, adam_step)
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, tensor in model.state_dict(keep_vars=True).items():
-        gkey, _ = _global_key(key, layers)
+        gkey, _ = global_key(key, layers)
         value = weights[gkey]
         with torch.no_grad():
             tensor.data.copy_(value.to(tensor.device, tensor.dtype))  # the (low-precision) model copy
@@ -521,7 +353,7 @@ def load_portable(engine, portable: Path, cfg: RunConfig) -> None:
                                  **{name: m.to(param.device, param.dtype).clone() for name, m in moments.items()}}
         for name, moment in moments.items() if zero is not None else ():
             safe_set_full_optimizer_state(param, moment.to(param.device), name)
-    _set_schedule_step(engine, TrainerState.from_json(portable / "trainer_state.json").step)
+    _set_schedule_step(engine, TrainerState.from_json(portable / fmt.TRAINER_STATE).step)
 
 
 def _init_adam_state(engine, adam_step: int) -> None:

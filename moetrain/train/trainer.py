@@ -38,7 +38,9 @@ from moetrain.config import RunConfig
 from moetrain.moe import moe_layers, set_routing_step
 from moetrain.tasks import Task, build_task
 
-from .checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from moetrain.checkpoint_format import TrainerState, resolve_resume
+
+from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, build_engine, init_distributed
 from .metrics import MetricsLogger, WindowStats, flops_per_token, peak_flops
 from .optim import clip_stage0_gradients
