@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from moetrain import __version__
+from moetrain.commands.export import add_export_arguments, main_export
 from moetrain.config import ConfigError, RunConfig, config_to_yaml, load_config, save_config
 from moetrain.utils.rundir import create_run_dir, default_run_dir, process_rank, world_size
 
@@ -192,24 +193,6 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     train.set_defaults(bench_run=lambda args: _resolve("moetrain.bench.train:main", "bench train")(args))
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """``CHECKPOINT --out HF_DIR [--max-shard-size SIZE] [--verify]``."""
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="portable checkpoint, a checkpoint dir holding portable/, or a run dir "
-                             "(uses checkpoints/latest)")
-    parser.add_argument("--out", metavar="HF_DIR", default=None,
-                        help="output directory (default: export.out_dir of the checkpoint's config)")
-    parser.add_argument("--max-shard-size", dest="max_shard_size", default=None, metavar="SIZE",
-                        help="largest weight file, e.g. 500MB (default: export.max_shard_size)")
-    parser.add_argument("--verify", action="store_true",
-                        help="load the export with transformers and compare logits with moetrain's")
-
-
-def _run_export(args: argparse.Namespace) -> int | None:
-    # Export takes a checkpoint, not a recipe: the run's config travels inside it.
-    return _resolve("moetrain.export:main_export", "export")(args)
-
-
 def _run_bench(args: argparse.Namespace) -> int | None:
     return args.bench_run(args)
 
@@ -247,7 +230,7 @@ register_command(
     "export", "export to a Hugging Face SwitchTransformers directory",
     "Export a checkpoint to a stock Hugging Face SwitchTransformers directory "
     "(safetensors shards, config.json, tokenizer); see the export section of the config.",
-    add_export_arguments, _run_export)
+    add_export_arguments, main_export)
 register_command(
     "finetune", "fine-tune a pretrained encoder on a GLUE task",
     "Fine-tune a pretrained Switch encoder on one GLUE task and report its metric.",

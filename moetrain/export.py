@@ -23,20 +23,17 @@ failure never leaves a half-written output. Names and shapes: :mod:`moetrain.hf_
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from moetrain import __version__
-from moetrain.checkpoint_format import CheckpointNotFound, is_replaceable, read_portable
+from moetrain.checkpoint_format import PortableCheckpoint, is_replaceable
 from moetrain.hf_convert import (
     EXPORT_EXPERT_CAPACITY,
     ConversionError,
@@ -44,14 +41,14 @@ from moetrain.hf_convert import (
     from_hf,
     hf_config_dict,
     model_overrides_from_hf,
-    name_map,
     to_hf,
 )
+from moetrain.models.export_layout import ExportLayout, split_encoder
 
 from moetrain.utils.atomic import atomic_dir
 
-__all__ = ["ExportError", "export_to_hf", "import_from_hf", "load_hf_state_dict", "verify_export",
-           "add_export_arguments", "main_export"]
+__all__ = ["ExportError", "export_to_hf", "export_checkpoint", "import_from_hf", "load_hf_state_dict",
+           "verify_export"]
 
 HEADS_FILE, PROVENANCE_FILE = "moetrain_heads.safetensors", "moetrain_export.json"
 
@@ -86,20 +83,11 @@ def _cpu_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------
 
 
-def _split_prefix(state_dict: dict[str, Tensor], prefix: str | None) -> tuple[dict, dict, str]:
-    """Encoder-only: separate the encoder's keys (under ``prefix``) from task heads."""
-    if prefix is None:
-        prefixes = sorted(k[: -len("embed.weight")] for k in state_dict
-                          if k.endswith("embed.weight") and k[: -len("embed.weight")] + "encoder.final_norm.weight"
-                          in state_dict)
-        if len(prefixes) != 1:
-            raise ExportError(f"cannot tell which encoder to export: found {prefixes or 'none'} "
-                              "(expected one '<prefix>embed.weight' with '<prefix>encoder.*'); pass prefix=")
-        prefix = prefixes[0]
-    body = {k[len(prefix):]: v for k, v in state_dict.items()
-            if k.startswith(prefix) and (k[len(prefix):] == "embed.weight" or k[len(prefix):].startswith("encoder."))}
-    heads = {k: v for k, v in state_dict.items() if not (k.startswith(prefix) and k[len(prefix):] in body)}
-    return body, heads, prefix
+def _split_encoder(state_dict: dict[str, Tensor], prefix: str | None) -> tuple[dict, dict, str]:
+    try:
+        return split_encoder(state_dict, prefix)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def _save_tokenizer(tokenizer_dir, out: Path, model_cfg) -> None:
@@ -175,7 +163,7 @@ def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str
                       f"evaluation; the export is dropless (expert_capacity={EXPORT_EXPERT_CAPACITY})", stacklevel=2)
     heads, used_prefix = {}, ""
     if model_cfg.arch == "encoder":
-        state_dict, heads, used_prefix = _split_prefix(state_dict, prefix)
+        state_dict, heads, used_prefix = _split_encoder(state_dict, prefix)
     hf_state = _cpu_tensors(to_hf(state_dict, model_cfg, moe_cfg))
     hf_config = SwitchTransformersConfig(**hf_config_dict(model_cfg, moe_cfg))
     with _atomic_dir(out_dir) as tmp:
@@ -277,7 +265,7 @@ def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], mode
 
     model = build_model(model_cfg, moe_cfg).eval()
     if model_cfg.arch == "encoder":
-        state_dict = _split_prefix(state_dict, None)[0]
+        state_dict = _split_encoder(state_dict, None)[0]
     model.load_state_dict(state_dict)
     cls = (transformers.SwitchTransformersEncoderModel if model_cfg.arch == "encoder"
            else transformers.SwitchTransformersForConditionalGeneration)
@@ -300,67 +288,35 @@ def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], mode
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# A checkpoint
 # ---------------------------------------------------------------------------
 
 
-# Defined with the CLI so that building the parser imports no torch/DeepSpeed.
-from moetrain.cli import add_export_arguments  # noqa: E402
+def export_checkpoint(ckpt: PortableCheckpoint, out: str | os.PathLike, layout: ExportLayout = ExportLayout(), *,
+                      max_shard_size: str | None = None) -> Path:
+    """Export a portable checkpoint (already read) to an HF directory.
 
+    Args:
+        ckpt: from :func:`moetrain.checkpoint_format.read_portable`.
+        out: the HF directory to write.
+        layout: the ``export_layout`` of the model that wrote ``ckpt`` (which keys are the
+            Switch model, which are heads, which stay behind).
+        max_shard_size: largest weight file (default: the checkpoint's ``export.max_shard_size``).
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
-                      max_shard_size: str | None = None) -> tuple[Path, dict[str, Tensor], Any]:
-    """Portable checkpoint (or run / step directory) -> HF directory.
-
-    Returns ``(out_dir, moetrain state dict, checkpoint's run config)`` so callers can verify.
+    Raises:
+        ExportError: an encoder-decoder checkpoint without its tokenizer (generation needs
+            it), keys that do not fit ``layout``, or anything :func:`export_to_hf` refuses.
     """
-    ckpt = read_portable(checkpoint)
-    portable, state_dict, cfg = ckpt.path, ckpt.weights, ckpt.cfg
-    tokenizer = ckpt.tokenizer_dir
-    if tokenizer is None:
-        raise ExportError(f"missing tokenizer: {portable / 'tokenizer'} does not exist (the HF export needs it)")
-    out = out or cfg.export.out_dir
-    if out is None:
-        raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")
+    cfg = ckpt.cfg
+    if ckpt.tokenizer_dir is None and cfg.model.arch == "encoder_decoder":
+        raise ExportError(f"missing tokenizer: {ckpt.path / 'tokenizer'} does not exist (the HF export needs it)")
+    try:
+        state_dict = layout.select(ckpt.weights)
+    except ValueError as err:
+        raise ExportError(f"{ckpt.path}: {err}") from None
     generation = {"num_beams": cfg.train.beam_size, "length_penalty": cfg.train.length_penalty,
                   "max_length": cfg.train.max_decode_length + 1}
-    export_to_hf(state_dict, cfg.model, cfg.moe, out, tokenizer, generation,
-                 max_shard_size=max_shard_size or cfg.export.max_shard_size, source=str(portable))
-    print(f"exported {portable} -> {out} ({len(name_map(cfg.model, cfg.moe))} tensors, "
-          f"estimator {cfg.moe.estimator})")
-    return Path(out), state_dict, cfg
-
-
-def main_export(args: argparse.Namespace) -> int:
-    """``moetrain export``: portable checkpoint -> HF directory. Returns the exit code."""
-    from moetrain.config import ConfigError
-
-    try:
-        portable = read_portable(args.checkpoint).path
-        if read_portable(portable).cfg.task == "electra":  # the discriminator only, not the generator
-            return _export_electra(portable, args)
-        out, state_dict, cfg = export_checkpoint(portable, getattr(args, "out", None),
-                                                 getattr(args, "max_shard_size", None))
-        if getattr(args, "verify", False):
-            print(f"max |moetrain - HF| = {verify_export(out, state_dict, cfg.model, cfg.moe):.3g}")
-        return 0
-    except (ExportError, ConversionError, ConfigError, CheckpointNotFound) as err:
-        print(f"moetrain export: {err}", file=sys.stderr)
-        return 2
-
-
-def _export_electra(portable: Path, args: argparse.Namespace) -> int:
-    """``moetrain export`` of an ELECTRA run: its discriminator (+ RTD head), never the generator."""
-    from moetrain.tasks.electra import export_discriminator
-
-    cfg = read_portable(portable).cfg
-    out = getattr(args, "out", None) or cfg.export.out_dir
-    if out is None:
-        raise ExportError("no output directory: pass --out HF_DIR (or set export.out_dir)")
-    result = export_discriminator(portable, out, verify=getattr(args, "verify", False),
-                                  max_shard_size=getattr(args, "max_shard_size", None) or cfg.export.max_shard_size)
-    print(f"exported the ELECTRA discriminator of {portable} -> {out} (SwitchTransformersEncoderModel; "
-          f"RTD head in moetrain_heads.safetensors; generator left out)")
-    if "max_abs_diff" in result:
-        print(f"max |moetrain - HF| = {result['max_abs_diff']:.3g}")
-    return 0
+    export_to_hf(state_dict, cfg.model, cfg.moe, out, ckpt.tokenizer_dir, generation,
+                 max_shard_size=max_shard_size or cfg.export.max_shard_size, prefix=layout.prefix or None,
+                 source=str(ckpt.path))
+    return Path(out)

@@ -16,15 +16,8 @@ from safetensors.torch import load_file
 
 from moetrain.checkpoint_format import read_portable, resolve_portable, save_portable
 from moetrain.config import load_config
-from moetrain.export import (
-    ExportError,
-    add_export_arguments,
-    export_to_hf,
-    import_from_hf,
-    load_hf_state_dict,
-    main_export,
-    verify_export,
-)
+from moetrain.commands.export import add_export_arguments, main_export
+from moetrain.export import ExportError, export_to_hf, import_from_hf, load_hf_state_dict, verify_export
 from moetrain.hf_convert import EXPORT_EXPERT_CAPACITY, ConversionError, hf_num_sparse_layers, hf_sparse_layers
 from moetrain.models import build_model, is_sparse_layer
 from moetrain.moe import MoELayer

@@ -35,6 +35,7 @@ from moetrain.moe import MoELayer, MoEStats
 from moetrain.moe.experts import BiasFreeLinear
 
 from .attention import Attention, RelativePositionBias, RMSNorm
+from .export_layout import ExportLayout
 from .switch import DenseFFN, Stack, SwitchEncoderModel, global_token_ids, is_sparse_layer
 
 __all__ = ["GENERATOR_LAYER_ID_BASE", "generator_model_config", "ElectraGenerator", "RTDHead", "ElectraOutput",
@@ -190,6 +191,11 @@ class ElectraModel(nn.Module):
         ep_size / noise_seed / init_seed: as for :class:`SwitchEncoderModel`.
     """
 
+    #: HF export writes the discriminator, keeps the RTD head beside it, and leaves the generator out.
+    export_layout = ExportLayout(
+        prefix="discriminator.", heads=("rtd_head.",), label="the ELECTRA discriminator",
+        summary="SwitchTransformersEncoderModel; RTD head in moetrain_heads.safetensors; generator left out")
+
     def __init__(self, model_cfg, moe_cfg, *, generator_width_fraction: float = 0.25,
                  generator_layers: int | None = None, generator_moe: bool = False, sampling_temperature: float = 1.0,
                  ep_size: int = 1, noise_seed: int = 0, init_seed: int = 0):
@@ -272,6 +278,9 @@ class SequenceClassifier(nn.Module):
         pooling: ``first`` (the ``[CLS]`` position) or ``mean`` (over non-padding tokens).
         dropout: dropout of the head.
     """
+
+    #: HF export writes the backbone and keeps the classification head beside it.
+    export_layout = ExportLayout(prefix="backbone.", heads=("head.",))
 
     def __init__(self, backbone: SwitchEncoderModel, num_labels: int, pooling: str = "first", dropout: float = 0.1):
         super().__init__()

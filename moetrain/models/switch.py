@@ -32,6 +32,7 @@ from moetrain.moe import MoELayer, MoEStats
 from moetrain.moe.experts import BiasFreeLinear
 
 from .attention import Attention, DecoderCache, RelativePositionBias, RMSNorm, causal_bias, padding_bias
+from .export_layout import ExportLayout
 
 __all__ = ["MAX_POSITIONS", "SwitchOutput", "DenseFFN", "Block", "Stack", "SwitchTransformer",
            "SwitchEncoderModel", "is_sparse_layer", "global_token_ids"]
@@ -172,6 +173,9 @@ class Stack(nn.Module):
 
 class _SwitchBase(nn.Module):
     """Embedding, MoE layer construction and T5 initialisation shared by both models."""
+
+    #: The whole model is what HF export writes.
+    export_layout = ExportLayout()
 
     def __init__(self, model_cfg, moe_cfg, ep_size: int, noise_seed: int, init_seed: int):
         super().__init__()

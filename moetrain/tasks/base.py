@@ -3,14 +3,22 @@
 The trainer knows nothing about text: a task builds its model, yields batches
 for this data-parallel rank, computes the loss (task loss plus the weighted MoE
 losses, in one visible line) and evaluates. Batches are plain dicts of tensors.
+
+Everything the trainer and the commands read from a task is declared on :class:`Task`
+with its default, so a reader finds it here instead of in ``getattr`` calls.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
 
 from torch import Tensor, nn
+
+from moetrain.models.export_layout import ExportLayout
+
+__all__ = ["LossOutput", "ExportCheck", "Task"]
 
 
 @dataclass
@@ -30,20 +38,59 @@ class LossOutput:
     moe_stats: list = field(default_factory=list)
 
 
-class Task(Protocol):
-    name: str
+@dataclass
+class ExportCheck:
+    """A task's own check of an HF export, added to the generic one after ``export.after_train``.
+
+    Attributes:
+        figures: written to ``<hf dir>/moetrain_export_check.json`` after the generic figures.
+        summary: appended to the printed ``HF export ...`` line.
+        usage: printed last: how to use the export.
+    """
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    usage: str = ""
+
+
+class Task:
+    """What the trainer trains. A task is constructed as ``Class(cfg: RunConfig, out_dir: Path)``.
+
+    Attributes:
+        name: the task's ``cfg.task`` value.
+        best_metric: the :meth:`evaluate` key that picks the ``best`` checkpoint.
+        higher_is_better: whether a larger ``best_metric`` is better (True for BLEU).
+        tokenizer_dir: copied into each checkpoint's ``portable/tokenizer`` (None: no tokenizer).
+        export_layout: which weights of the task's model HF export writes (the model's own).
+    """
+
+    name: ClassVar[str] = ""
+    best_metric: ClassVar[str] = "loss"
+    higher_is_better: ClassVar[bool] = False
+    export_layout: ClassVar[ExportLayout] = ExportLayout()
+    tokenizer_dir: str | Path | None = None
 
     def build_model(self, ep_size: int = 1) -> nn.Module:
         """The model, single-device; experts sharded when ``ep_size > 1``."""
+        raise NotImplementedError
 
     def train_batches(self, dp_rank: int, dp_world: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
         """Endless micro-batches for this rank, resumable from ``start_step`` micro-batches in.
 
         Deterministic given the config seed; every rank yields the same number of batches.
         """
+        raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         """Forward one micro-batch."""
+        raise NotImplementedError
 
     def evaluate(self, model: nn.Module, dp_rank: int = 0, dp_world: int = 1) -> dict[str, float]:
         """Validation metrics (every rank calls it; collectives stay paired)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_export(cls, ckpt, hf_dir: Path) -> ExportCheck:
+        """Task-specific figures about the HF export of ``ckpt`` (a ``PortableCheckpoint``)
+        in ``hf_dir``, beyond the logit gap every export gets. None by default."""
+        return ExportCheck()

@@ -20,13 +20,13 @@ Data: :mod:`moetrain.data.text` (load, clean, vocabulary, packing, sharded resum
 counter-based masking). The run directory receives ``tokenizer/`` (when trained here), which
 every checkpoint copies to ``portable/tokenizer``.
 
-:func:`export_discriminator` writes the discriminator as a stock HF
-``SwitchTransformersEncoderModel`` with the RTD head in ``moetrain_heads.safetensors``.
+``moetrain export`` writes the discriminator as a stock HF ``SwitchTransformersEncoderModel``
+with the RTD head in ``moetrain_heads.safetensors``; the generator is left out. Which keys go
+where is the model's business (``ElectraModel.export_layout``).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -52,9 +52,9 @@ from moetrain.data.text import (
 from moetrain.models.electra import ElectraModel
 from moetrain.models.moe_stats import moe_aux_loss
 
-from .base import LossOutput
+from .base import LossOutput, Task
 
-__all__ = ["ElectraTask", "export_discriminator", "tokenizers_match", "VALID_SAMPLE_BASE"]
+__all__ = ["ElectraTask", "tokenizers_match", "VALID_SAMPLE_BASE"]
 
 #: Sample ids of validation sequences start here (training ids are epoch * N + row).
 VALID_SAMPLE_BASE = 1 << 40
@@ -85,7 +85,7 @@ def tokenizers_match(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
 
 
-class ElectraTask:
+class ElectraTask(Task):
     """Task ``electra`` for :func:`moetrain.train.trainer.train` (see the module docstring).
 
     Args:
@@ -97,6 +97,7 @@ class ElectraTask:
     name = "electra"
     best_metric = "loss"
     higher_is_better = False
+    export_layout = ElectraModel.export_layout  # the discriminator and its RTD head
 
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir = cfg, Path(out_dir)
@@ -284,35 +285,3 @@ def _rtd_rates(c: dict[str, float]) -> dict[str, float]:
         "rtd_replaced_recall": c["replaced_caught"] / max(c["replaced"], 1.0),
         "generator_accuracy": c["gen_correct"] / max(c["masked"], 1.0),
     }
-
-
-def export_discriminator(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, verify: bool = False,
-                         max_shard_size: str = "2GB") -> dict[str, Any]:
-    """Export an ELECTRA checkpoint's discriminator to a stock HF directory.
-
-    Writes ``SwitchTransformersEncoderModel`` weights and config, the tokenizer, and the RTD
-    head in ``moetrain_heads.safetensors`` (the generator is left out).
-
-    Args:
-        checkpoint: run directory, step directory or portable directory.
-        out_dir: the HF directory to write.
-        verify: load it with transformers and compare encoder states with moetrain's.
-
-    Returns:
-        ``{"out_dir", "max_abs_diff" (when verify)}``.
-    """
-    from moetrain.checkpoint_format import read_portable
-    from moetrain.export import export_to_hf, verify_export
-
-    ckpt = read_portable(checkpoint)
-    portable, state, cfg = ckpt.path, ckpt.weights, ckpt.cfg
-    keep = {k: v for k, v in state.items() if k.startswith(("discriminator.", "rtd_head."))}
-    if not any(k.startswith("discriminator.") for k in keep):
-        raise ValueError(f"{portable}: no 'discriminator.*' weights; expected an ELECTRA checkpoint (task electra)")
-    export_to_hf(keep, cfg.model, cfg.moe, out_dir, ckpt.tokenizer_dir,
-                 max_shard_size=max_shard_size, prefix="discriminator.", source=str(portable))
-    result: dict[str, Any] = {"out_dir": str(out_dir)}
-    if verify:
-        body = {k: v for k, v in keep.items() if k.startswith("discriminator.")}
-        result["max_abs_diff"] = verify_export(out_dir, body, cfg.model, cfg.moe)
-    return result

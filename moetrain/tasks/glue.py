@@ -35,6 +35,7 @@ from moetrain.data.glue import GlueTaskSpec, load_glue
 from moetrain.data.text import TextDataError, check_tokenizer, train_text_tokenizer
 from moetrain.eval.glue_metrics import MAIN_METRIC, glue_metrics, summarize
 from moetrain.models.electra import SequenceClassifier
+from moetrain.models.export_layout import split_encoder
 from moetrain.models.moe_stats import moe_aux_loss
 from moetrain.models.switch import SwitchEncoderModel
 from moetrain.moe import set_routing_step
@@ -81,7 +82,6 @@ def load_start_point(cfg, out_dir: Path, train_texts=None) -> StartPoint:
         TextDataError: a tokenizer that does not match the checkpoint, or is missing.
     """
     from moetrain.checkpoint_format import TOKENIZER, read_portable
-    from moetrain.export import _split_prefix
     from moetrain.tasks.electra import tokenizers_match
 
     g, data = cfg.glue, cfg.data
@@ -111,7 +111,7 @@ def load_start_point(cfg, out_dir: Path, train_texts=None) -> StartPoint:
         raise TextDataError(f"{portable}: the checkpoint has no tokenizer/ directory; expected one, or set "
                             "data.tokenizer to the vocabulary it was trained with")
     check_tokenizer(tokenizer, tok_dir, saved.model.vocab_size, saved.model.pad_token_id)
-    body, _, prefix = _split_prefix(state, None)
+    body, _, prefix = split_encoder(state)
     what = "random init with the architecture and tokenizer of" if g.random_init else "pretrained"
     return StartPoint(saved.model, saved.moe, tokenizer, tok_dir, None if g.random_init else body,
                       f"{what} {portable} (encoder prefix '{prefix}')")
@@ -256,7 +256,8 @@ def _export(model: SequenceClassifier, start: StartPoint, hf_dir: Path, log) -> 
     from moetrain.export import export_to_hf
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    export_to_hf(state, start.model_cfg, start.moe_cfg, hf_dir, start.tokenizer_dir, prefix="backbone.")
+    export_to_hf(state, start.model_cfg, start.moe_cfg, hf_dir, start.tokenizer_dir,
+                 prefix=SequenceClassifier.export_layout.prefix)
     log(f"exported seed model to {hf_dir} (SwitchTransformersEncoderModel + moetrain_heads.safetensors)")
 
 

@@ -37,7 +37,7 @@ from moetrain.data.batching import TokenBudgetBatcher
 from moetrain.data.pipeline import IGNORE_INDEX, prepare_translation_data
 from moetrain.eval.bleu import bleu_report
 
-from .base import LossOutput
+from .base import ExportCheck, LossOutput, Task
 
 __all__ = ["TranslationTask", "label_smoothed_nll_loss", "Translator",
            "add_evaluate_arguments", "main_evaluate", "add_translate_arguments", "main_translate"]
@@ -69,7 +69,7 @@ def label_smoothed_nll_loss(logits: Tensor, labels: Tensor, epsilon: float) -> t
     return torch.where(mask, loss, zero).sum(), torch.where(mask, nll, zero).sum().detach(), int(mask.sum())
 
 
-class TranslationTask:
+class TranslationTask(Task):
     """Sequence-to-sequence translation on the data described by ``cfg.data``.
 
     Args:
@@ -162,6 +162,34 @@ class TranslationTask:
         nll_per_token = nll / max(ntok, 1)
         return {"loss": ls / max(ntok, 1), "nll_loss": nll_per_token, "ppl": math.exp(min(nll_per_token, 50.0)),
                 "bleu": bleu["bleu"], "bleu_brevity_penalty": bleu["bleu_brevity_penalty"]}
+
+
+    @classmethod
+    def check_export(cls, ckpt, hf_dir: Path, num_check: int = 100) -> ExportCheck:
+        """Translate the first ``num_check`` validation sources with moetrain and with stock
+        ``SwitchTransformersForConditionalGeneration`` loaded from ``hf_dir`` (the checkpoint's
+        beam settings) and count identical outputs."""
+        from moetrain.data.sources import load_split
+        from moetrain.models import build_model
+
+        cfg = ckpt.cfg
+        usage = (f"moetrain: load it with transformers.SwitchTransformersForConditionalGeneration.from_pretrained("
+                 f"'{hf_dir}'), or: moetrain translate {hf_dir} --input FILE --output FILE")
+        pairs = load_split(cfg.data, "valid", cfg.train.seed)
+        if pairs is None or num_check <= 0:
+            return ExportCheck(usage=usage)
+        sources = list(pairs[0])[:num_check]
+        decoding = {"beam_size": cfg.train.beam_size, "length_penalty": cfg.train.length_penalty,
+                    "max_length": cfg.train.max_decode_length, "progress": False}
+        model = build_model(cfg.model, cfg.moe)
+        model.load_state_dict(ckpt.weights)
+        hf = Translator.load(hf_dir, device="cpu")[0]
+        ours = Translator(model, hf.tokenizer).translate(sources, **decoding)
+        theirs = hf.translate(sources, **decoding)
+        same = sum(a == b for a, b in zip(ours, theirs))
+        return ExportCheck({"checked_sentences": len(sources), "identical_translations": same},
+                           f"; stock transformers translates {same}/{len(sources)} validation sentences exactly "
+                           "as moetrain does", usage)
 
 
 # ---------------------------------------------------------------------------
@@ -349,42 +377,29 @@ def main_evaluate(args) -> int:
     return 0
 
 
-def export_after_training(cfg, run_dir: Path, num_check: int = 100) -> dict[str, Any]:
+def export_after_training(cfg, run_dir: Path) -> dict[str, Any]:
     """``export.after_train``: export the run's last checkpoint and check the stock HF model.
 
-    The check translates the first ``num_check`` validation sources with moetrain and with
-    ``SwitchTransformersForConditionalGeneration`` loaded from the export (same beam settings)
-    and counts identical outputs; it also reports the largest logit gap on a random batch.
-    Returns the figures it prints (also written to ``<hf dir>/moetrain_export_check.json``).
+    The check reports the largest logit gap on a random batch and, from the task, how many
+    validation sentences translate identically. Returns the figures it prints (also written
+    to ``<hf dir>/moetrain_export_check.json``).
     """
-    from moetrain.data.sources import load_split
+    from moetrain.checkpoint_format import read_portable
     from moetrain.export import export_checkpoint, verify_export
-    from moetrain.models import build_model
+    from moetrain.hf_convert import name_map
 
+    ckpt = read_portable(run_dir)
     out = Path(cfg.export.out_dir) if cfg.export.out_dir else run_dir / "hf"
-    out, state_dict, ckpt_cfg = export_checkpoint(run_dir, out)
-    report: dict[str, Any] = {"hf_dir": str(out), "estimator": ckpt_cfg.moe.estimator,
-                              "max_logit_gap": verify_export(out, state_dict, ckpt_cfg.model, ckpt_cfg.moe)}
-    pairs = load_split(ckpt_cfg.data, "valid", ckpt_cfg.train.seed)
-    if pairs is not None and num_check > 0:
-        sources = list(pairs[0])[:num_check]
-        decoding = {"beam_size": ckpt_cfg.train.beam_size, "length_penalty": ckpt_cfg.train.length_penalty,
-                    "max_length": ckpt_cfg.train.max_decode_length, "progress": False}
-        model = build_model(ckpt_cfg.model, ckpt_cfg.moe)
-        model.load_state_dict(state_dict)
-        hf = Translator.load(out, device="cpu")[0]
-        ours = Translator(model, hf.tokenizer).translate(sources, **decoding)
-        theirs = hf.translate(sources, **decoding)
-        report.update({"checked_sentences": len(sources),
-                       "identical_translations": sum(a == b for a, b in zip(ours, theirs))})
+    export_checkpoint(ckpt, out)
+    print(f"exported {ckpt.path} -> {out} ({len(name_map(ckpt.cfg.model, ckpt.cfg.moe))} tensors, "
+          f"estimator {ckpt.cfg.moe.estimator})")
+    report: dict[str, Any] = {"hf_dir": str(out), "estimator": ckpt.cfg.moe.estimator,
+                              "max_logit_gap": verify_export(out, ckpt.weights, ckpt.cfg.model, ckpt.cfg.moe)}
+    check = TranslationTask.check_export(ckpt, out)
+    report.update(check.figures)
     (out / "moetrain_export_check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    line = f"moetrain: HF export {out}: max |logit gap| {report['max_logit_gap']:.2g}"
-    if "checked_sentences" in report:
-        line += (f"; stock transformers translates {report['identical_translations']}/"
-                 f"{report['checked_sentences']} validation sentences exactly as moetrain does")
-    print(line)
-    print(f"moetrain: load it with transformers.SwitchTransformersForConditionalGeneration.from_pretrained('{out}'), "
-          f"or: moetrain translate {out} --input FILE --output FILE")
+    print(f"moetrain: HF export {out}: max |logit gap| {report['max_logit_gap']:.2g}{check.summary}")
+    print(check.usage)
     return report
 
 
