@@ -1,8 +1,7 @@
-"""moetrain.cli: help, the config command, error exits, run directories, lazy commands."""
+"""moetrain.cli: help, the config command, error exits, run directories, registered commands."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,17 +12,11 @@ import pytest
 import yaml
 
 from moetrain import cli
+from moetrain.commands.common import add_run_arguments, prepare_run, work_command
 from moetrain.config import ConfigError, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
-LAZY_TARGETS = {  # command -> module that implements it
-    "train": "moetrain.train.trainer",
-    "evaluate": "moetrain.tasks.translation",
-    "translate": "moetrain.tasks.translation",
-    "export": "moetrain.export",
-    "finetune": "moetrain.tasks.glue",
-}
 
 
 def run_cli(*argv: str, cwd: Path, module: str = "moetrain.cli", env: dict | None = None):
@@ -111,15 +104,15 @@ def parse(*argv: str):
 
 def test_prepare_run_writes_config_into_output_dir(tmp_path):
     out = tmp_path / "a" / "b"
-    cfg, out_dir = cli.prepare_run(parse("train", str(TINY), "--output-dir", str(out), "--set", "train.max_steps=7"))
+    cfg, out_dir = prepare_run(parse("train", str(TINY), "--output-dir", str(out), "--set", "train.max_steps=7"))
     assert out_dir == out and cfg.train.max_steps == 7
     assert load_config(out / "config.yaml") == cfg
     # Reusing a named directory (e.g. to resume) is allowed; the earlier config is kept aside.
-    cfg2, _ = cli.prepare_run(parse("train", str(TINY), "--output-dir", str(out)))
+    cfg2, _ = prepare_run(parse("train", str(TINY), "--output-dir", str(out)))
     assert load_config(out / "config.yaml") == cfg2 != cfg
     [kept] = out.glob("config.*.yaml")
     assert load_config(kept) == cfg
-    cli.prepare_run(parse("train", str(TINY), "--output-dir", str(out)))  # same config: nothing new kept
+    prepare_run(parse("train", str(TINY), "--output-dir", str(out)))  # same config: nothing new kept
     assert len(list(out.glob("config.*.yaml"))) == 1
 
 
@@ -127,8 +120,8 @@ def test_default_run_dir_is_stem_and_timestamp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    _, first = cli.prepare_run(parse("train", str(TINY)))
-    _, second = cli.prepare_run(parse("train", str(TINY)))
+    _, first = prepare_run(parse("train", str(TINY)))
+    _, second = prepare_run(parse("train", str(TINY)))
     assert first.parent == Path("runs") and first.name.startswith("tiny-")
     stamp = first.name.removeprefix("tiny-")
     assert len(stamp) == 15 and stamp[8] == "-" and stamp.replace("-", "").isdigit()
@@ -140,9 +133,9 @@ def test_several_ranks_need_output_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="--output-dir is required"):
-        cli.prepare_run(parse("train", str(TINY)))
+        prepare_run(parse("train", str(TINY)))
     monkeypatch.setenv("RANK", "1")  # only rank 0 writes config.yaml
-    _, out_dir = cli.prepare_run(parse("train", str(TINY), "--output-dir", "run"))
+    _, out_dir = prepare_run(parse("train", str(TINY), "--output-dir", "run"))
     assert out_dir.is_dir() and not (out_dir / "config.yaml").exists()
 
 
@@ -154,47 +147,13 @@ def test_work_command_writes_config_before_calling_target(tmp_path, monkeypatch)
         seen["cfg"], seen["out_dir"] = cfg, out_dir
         return 0
 
-    fake_module(monkeypatch, "fake_moetrain_target", main=target)
-    monkeypatch.setitem(cli.COMMANDS, "fake", cli.Command(
-        "fake", "fake", cli.add_run_arguments, cli.work_command("fake_moetrain_target:main", "fake")))
+    monkeypatch.setitem(cli.COMMANDS, "fake", cli.Command("fake", "fake", add_run_arguments, work_command(target)))
     out = tmp_path / "run"
     assert cli.main(["fake", str(TINY), "--output-dir", str(out), "--set", "moe.num_experts=4"]) == 0
     assert seen["config_written"] and seen["out_dir"] == out and seen["cfg"].moe.num_experts == 4
 
 
-# --- commands not written yet ------------------------------------------------------------------
-
-
-def test_unavailable_command_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(cli.COMMANDS, "ghost", cli.Command(
-        "ghost", "ghost", cli.add_run_arguments, cli.work_command("moetrain.no_such_module:main", "ghost")))
-    assert cli.main(["ghost", str(TINY)]) == 2
-    assert capsys.readouterr().err.strip() == "moetrain ghost: not available in this version"
-    assert not (tmp_path / "runs").exists()
-
-
-def test_missing_function_is_unavailable(monkeypatch):
-    fake_module(monkeypatch, "fake_moetrain_empty")
-    with pytest.raises(cli.CommandUnavailable):
-        cli._resolve("fake_moetrain_empty:main_train", "train")
-
-
-def test_missing_dependency_is_a_real_error(tmp_path, monkeypatch):
-    # A module that exists but imports something missing must not look "not available".
-    (tmp_path / "fake_moetrain_broken.py").write_text("import no_such_dependency_xyz\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
-        cli._resolve("fake_moetrain_broken:main", "broken")
-
-
-@pytest.mark.parametrize("command", sorted(LAZY_TARGETS))
-def test_builtin_command_unavailable_message(tmp_path, command):
-    if importlib.util.find_spec(LAZY_TARGETS[command]) is not None:
-        pytest.skip(f"{LAZY_TARGETS[command]} exists now")
-    result = run_cli(command, str(TINY), cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"moetrain {command}: not available in this version"
+# --- bench -------------------------------------------------------------------------------------
 
 
 def test_bench_passes_its_arguments(tmp_path, monkeypatch):
@@ -204,9 +163,3 @@ def test_bench_passes_its_arguments(tmp_path, monkeypatch):
     assert cli.main(["bench", "moe-layer", "--experts", "8", "16", "--tokens", "128", "--json", str(report)]) == 0
     assert seen["experts"] == [8, 16] and seen["tokens"] == 128 and seen["json"] == str(report)
     assert (seen["d_model"], seen["d_ff"], seen["repeats"]) == (512, 2048, 5)
-
-
-def test_bench_without_module_is_unavailable(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "moetrain.bench.moe_layer", None)  # import raises ModuleNotFoundError
-    assert cli.main(["bench", "moe-layer"]) == 2
-    assert "moetrain bench moe-layer: not available in this version" in capsys.readouterr().err

@@ -86,7 +86,7 @@ def test_empty_batch_runs(tiny):
 def test_trainer_loss_decreases_then_average_and_cli(tiny, tmp_path, capsys):
     """A few real trainer steps, then the checkpoint tools on what they wrote."""
     from moetrain.checkpoint_format import average_checkpoints, last_checkpoints
-    from moetrain.tasks.translation import (
+    from moetrain.commands.translation import (
         add_evaluate_arguments,
         add_translate_arguments,
         main_evaluate,

@@ -1,6 +1,7 @@
 """Side-by-side measurements behind ``moetrain bench TARGET``, one module per target.
 
-Each module has ``add_arguments(parser)`` and ``main(args)`` and runs standalone with
-``python -m moetrain.bench.<module>``. Modules are imported on demand; importing this
-package loads nothing heavy.
+Each target keeps its options in a torch-free ``<target>_options.py`` (``add_arguments(parser)``,
+what the command line builds its parser from) and its measurement in ``<target>.py``
+(``main(args)``, which also runs standalone with ``python -m moetrain.bench.<module>``).
+Importing this package loads nothing heavy.
 """

@@ -26,23 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["add_arguments", "main"]
+from moetrain.bench.train_options import add_arguments  # for ``python -m moetrain.bench.train``
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``moetrain bench train`` (cheap to import: no torch here)."""
-    parser.add_argument("--config", required=True, help="YAML recipe whose model and batch are measured")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                        help="config overrides, as for `moetrain train`")
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run (default: 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
-    parser.add_argument("--task", default=None, metavar="MODULE:CLASS",
-                        help="task class to use instead of the recipe's task (e.g. a custom task)")
-    parser.add_argument("--threads-per-rank", type=int, default=None, metavar="N",
-                        help="CPU only: torch threads per rank (default: cores / ranks, so both runs use every "
-                             "core; 1 avoids OpenMP slowdowns on a machine busy with other work)")
-    parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
-    parser.add_argument("--keep", metavar="DIR", default=None, help="keep the two runs' directories under DIR")
+__all__ = ["main"]
 
 
 def main(args: argparse.Namespace) -> int:

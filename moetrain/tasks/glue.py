@@ -1,4 +1,4 @@
-"""GLUE fine-tuning of a (pretrained) Switch encoder: ``moetrain finetune CONFIG``.
+"""GLUE fine-tuning of a (pretrained) Switch encoder (the work of ``moetrain finetune CONFIG``).
 
     moetrain finetune configs/glue_rte.yaml --set glue.pretrained=runs/electra-tiny
     moetrain finetune configs/glue_rte.yaml --set glue.pretrained=runs/electra-tiny glue.random_init=true
@@ -40,7 +40,7 @@ from moetrain.models.moe_stats import moe_aux_loss
 from moetrain.models.switch import SwitchEncoderModel
 from moetrain.moe import set_routing_step
 
-__all__ = ["StartPoint", "load_start_point", "encode_examples", "finetune", "finetune_seed", "main_finetune"]
+__all__ = ["StartPoint", "load_start_point", "encode_examples", "finetune", "finetune_seed"]
 
 
 @dataclass
@@ -269,12 +269,3 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  {key:12s} {s['mean']:.4f} ± {s['std']:.4f}  [{s['min']:.4f}, {s['max']:.4f}]"
                      + (f"   majority baseline {base:.4f}" if base is not None else ""))
     return "\n".join(lines)
-
-
-def main_finetune(cfg, out_dir: Path, args=None) -> int:
-    """``moetrain finetune CONFIG``: see the module docstring."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("moetrain finetune runs in one process (GLUE sets are small); launch it without "
-                           "deepspeed/torchrun")
-    finetune(cfg, out_dir)
-    return 0

@@ -1,4 +1,4 @@
-"""Translation (WMT'14 En-De and the built-in synthetic demo): recipe, evaluation, CLI.
+"""Translation (WMT'14 En-De and the built-in synthetic demo): recipe, evaluation, inference.
 
 The recipe follows the Switch/SparseMixer WMT'14 setting (Liu et al. 2023, fairseq): label-
 smoothed cross-entropy (0.1) normalised per target token, plus the router losses; Adam
@@ -10,13 +10,10 @@ budget batches; validation loss, perplexity and beam-search BLEU on the dev set.
     out = task.loss(model, batch)              # LossOutput
     metrics = task.evaluate(model)             # {"loss", "nll_loss", "ppl", "bleu", ...}
 
-Command-line entry points (registered by ``moetrain.cli``):
+    translator, cfg = Translator.load(run_dir)  # a checkpoint, or an HF export directory
 
-    moetrain evaluate CHECKPOINT [--src FILE --ref FILE] [--tokenized-bleu] [--average-last N]
-    moetrain translate CHECKPOINT|HF_DIR --input FILE --output FILE
-
-``CHECKPOINT`` is a portable checkpoint (``.../step_X/portable``), a step directory or a run
-directory (its latest checkpoint); ``HF_DIR`` is a ``moetrain export`` output.
+``moetrain evaluate`` and ``moetrain translate`` (:mod:`moetrain.commands.translation`) are
+built on :class:`Translator`.
 """
 
 from __future__ import annotations
@@ -39,8 +36,7 @@ from moetrain.eval.bleu import bleu_report
 
 from .base import ExportCheck, LossOutput, Task
 
-__all__ = ["TranslationTask", "label_smoothed_nll_loss", "Translator",
-           "add_evaluate_arguments", "main_evaluate", "add_translate_arguments", "main_translate"]
+__all__ = ["TranslationTask", "label_smoothed_nll_loss", "Translator"]
 
 
 def label_smoothed_nll_loss(logits: Tensor, labels: Tensor, epsilon: float) -> tuple[Tensor, Tensor, int]:
@@ -274,148 +270,3 @@ class Translator:
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-def _add_decoding_arguments(parser) -> None:
-    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the checkpoint's train.beam_size, or 4)")
-    parser.add_argument("--lenpen", type=float, default=None,
-                        help="length penalty alpha (default: train.length_penalty, or 0.6)")
-    parser.add_argument("--max-length", dest="max_length", type=int, default=None,
-                        help="longest output in tokens (default: train.max_decode_length, or 256)")
-    parser.add_argument("--max-tokens", dest="max_tokens", type=int, default=4096,
-                        help="source-token budget of one translation batch (default: 4096)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-
-
-def add_evaluate_arguments(parser) -> None:
-    """``moetrain evaluate CHECKPOINT [--src FILE --ref FILE] ...``."""
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="portable checkpoint, step directory, run directory (latest checkpoint) or HF directory")
-    parser.add_argument("--src", default=None, help="source sentences, one per line (default: the config's test "
-                                                     "set, else its validation set)")
-    parser.add_argument("--ref", default=None, help="reference translations, line-aligned with --src")
-    parser.add_argument("--output", default=None, help="also write the hypotheses to this file")
-    parser.add_argument("--json", default=None, help="metrics file (default: <output>.json, else "
-                                                      "eval-<src name>.json next to the checkpoint)")
-    parser.add_argument("--tokenized-bleu", dest="tokenized_bleu", action="store_true",
-                        help="also report tokenised BLEU with compound splitting (fairseq-era WMT'14 tables)")
-    parser.add_argument("--average-last", dest="average_last", type=int, default=0, metavar="N",
-                        help="average the weights of the run's last N checkpoints first")
-    _add_decoding_arguments(parser)
-
-
-def add_translate_arguments(parser) -> None:
-    """``moetrain translate CHECKPOINT|HF_DIR --input FILE --output FILE``."""
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="portable checkpoint, run directory or HF directory")
-    parser.add_argument("--input", required=True, help="source sentences, one per line ('-' = stdin)")
-    parser.add_argument("--output", required=True, help="where to write the translations ('-' = stdout)")
-    parser.add_argument("--average-last", dest="average_last", type=int, default=0, metavar="N",
-                        help="average the weights of the run's last N checkpoints first")
-    _add_decoding_arguments(parser)
-
-
-def _decoding(args, cfg) -> dict[str, Any]:
-    t = cfg.train if cfg is not None else None
-    return {"beam_size": args.beam or (t.beam_size if t else 4),
-            "length_penalty": args.lenpen if args.lenpen is not None else (t.length_penalty if t else 0.6),
-            "max_length": args.max_length or (t.max_decode_length if t else 256),
-            "max_tokens": args.max_tokens, "progress": args.progress}
-
-
-def _read(path: str) -> list[str]:
-    from moetrain.data.sources import read_lines
-
-    return sys.stdin.read().splitlines() if path == "-" else read_lines(path)
-
-
-def _eval_pairs(args, cfg) -> tuple[list[str], list[str], str]:
-    """``(sources, references, name)`` from ``--src/--ref`` or the checkpoint's config."""
-    if (args.src is None) != (args.ref is None):
-        raise ValueError("give both --src and --ref, or neither (then the config's test/valid set is used)")
-    if args.src is not None:
-        src, ref = _read(args.src), _read(args.ref)
-        if len(src) != len(ref):
-            raise ValueError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
-        return src, ref, Path(args.src).name
-    if cfg is None:
-        raise ValueError("an HF directory has no data config: pass --src and --ref")
-    from moetrain.data.sources import load_split
-
-    for split in ("test", "valid"):
-        pairs = load_split(cfg.data, split, cfg.train.seed)
-        if pairs is not None:
-            return list(pairs[0]), list(pairs[1]), split
-    raise ValueError("the checkpoint's config names no test or validation data: pass --src and --ref")
-
-
-def main_evaluate(args) -> int:
-    """``moetrain evaluate``: translate a test set and print sacreBLEU (+ signature); write JSON."""
-    translator, cfg = Translator.load(args.checkpoint, args.average_last, args.device)
-    src, ref, name = _eval_pairs(args, cfg)
-    hyps = translator.translate(src, **_decoding(args, cfg))
-    lang = cfg.data.tgt_lang if cfg is not None else "de"
-    metrics = bleu_report(hyps, ref, lang=lang, tokenized=args.tokenized_bleu)
-    metrics.update({"checkpoint": str(args.checkpoint), "src": args.src or name, "ref": args.ref or name,
-                    "sentences": len(src), "average_last": args.average_last, **_decoding(args, cfg)})
-    print(metrics["bleu_text"].replace("BLEU", "sacreBLEU", 1))
-    print(f"signature: {metrics['bleu_signature']}")
-    if args.tokenized_bleu:
-        print(f"tokenized BLEU (compound split) = {metrics['tokenized_bleu']:.2f}  "
-              f"[{metrics['tokenized_bleu_signature']}]")
-    if args.output:
-        Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    json_path = Path(args.json) if args.json else (
-        Path(args.output + ".json") if args.output else _checkpoint_dir(args.checkpoint) / f"eval-{name}.json")
-    json_path.write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"metrics: {json_path}")
-    return 0
-
-
-def export_after_training(cfg, run_dir: Path) -> dict[str, Any]:
-    """``export.after_train``: export the run's last checkpoint and check the stock HF model.
-
-    The check reports the largest logit gap on a random batch and, from the task, how many
-    validation sentences translate identically. Returns the figures it prints (also written
-    to ``<hf dir>/moetrain_export_check.json``).
-    """
-    from moetrain.checkpoint_format import read_portable
-    from moetrain.export import export_checkpoint, verify_export
-    from moetrain.hf_convert import name_map
-
-    ckpt = read_portable(run_dir)
-    out = Path(cfg.export.out_dir) if cfg.export.out_dir else run_dir / "hf"
-    export_checkpoint(ckpt, out)
-    print(f"exported {ckpt.path} -> {out} ({len(name_map(ckpt.cfg.model, ckpt.cfg.moe))} tensors, "
-          f"estimator {ckpt.cfg.moe.estimator})")
-    report: dict[str, Any] = {"hf_dir": str(out), "estimator": ckpt.cfg.moe.estimator,
-                              "max_logit_gap": verify_export(out, ckpt.weights, ckpt.cfg.model, ckpt.cfg.moe)}
-    check = TranslationTask.check_export(ckpt, out)
-    report.update(check.figures)
-    (out / "moetrain_export_check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"moetrain: HF export {out}: max |logit gap| {report['max_logit_gap']:.2g}{check.summary}")
-    print(check.usage)
-    return report
-
-
-def _checkpoint_dir(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
-
-
-def main_translate(args) -> int:
-    """``moetrain translate``: translate a file line by line."""
-    translator, cfg = Translator.load(args.checkpoint, args.average_last, args.device)
-    hyps = translator.translate(_read(args.input), **_decoding(args, cfg))
-    text = "".join(h + "\n" for h in hyps)
-    if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.output).write_text(text, encoding="utf-8")
-        print(f"translations: {args.output} ({len(hyps)} lines)", file=sys.stderr)
-    return 0

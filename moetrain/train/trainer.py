@@ -45,7 +45,7 @@ from .distributed import DistInfo, build_engine, init_distributed
 from .metrics import MetricsLogger, WindowStats, flops_per_token, peak_flops
 from .optim import clip_stage0_gradients
 
-__all__ = ["train", "main_train", "setup", "Run"]
+__all__ = ["train", "setup", "Run"]
 
 
 @dataclass
@@ -63,16 +63,6 @@ class Run:
     @property
     def checkpoints(self) -> Path:
         return self.out_dir / "checkpoints"
-
-
-def main_train(cfg: RunConfig, out_dir: Path, args=None) -> int:
-    """``moetrain train`` (see moetrain.cli); exports the result when ``export.after_train``."""
-    train(cfg, out_dir)
-    if cfg.export.after_train and (not dist.is_initialized() or dist.get_rank() == 0):
-        from moetrain.tasks.translation import export_after_training
-
-        export_after_training(cfg, out_dir)
-    return 0
 
 
 def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save: bool = True) -> TrainerState:

@@ -1,0 +1,46 @@
+"""``moetrain bench TARGET ...``: side-by-side measurements (:mod:`moetrain.bench`).
+
+    moetrain bench moe-layer [--experts 8 32 128] [--json FILE] ...
+    moetrain bench train --config configs/tiny.yaml [--steps 20] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moetrain.bench import moe_layer_options, train_options
+
+__all__ = ["add_bench_arguments", "main_bench"]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """One sub-parser per benchmark; each records the function that runs it."""
+    targets = parser.add_subparsers(dest="bench_target", metavar="TARGET", title="targets", required=True)
+    layer = targets.add_parser(
+        "moe-layer", help="forward+backward time of one MoE FFN layer vs a dense FFN",
+        description="Time forward+backward of one MoE FFN layer for several expert counts, "
+                    "against a dense FFN over the same tokens (ratios printed as a table).")
+    moe_layer_options.add_arguments(layer)
+    layer.set_defaults(bench_run=_run_moe_layer)
+    train = targets.add_parser(
+        "train", help="training tokens/s: 1 rank vs expert parallelism 2 on 2 ranks",
+        description="Train a recipe for a few steps on 1 rank and with EP=2 on 2 ranks, side by side, "
+                    "and print tokens/s and the scaling ratio.")
+    train_options.add_arguments(train)
+    train.set_defaults(bench_run=_run_train)
+
+
+def main_bench(args: argparse.Namespace) -> int | None:
+    return args.bench_run(args)
+
+
+def _run_moe_layer(args: argparse.Namespace) -> int | None:
+    from moetrain.bench.moe_layer import main
+
+    return main(args)
+
+
+def _run_train(args: argparse.Namespace) -> int | None:
+    from moetrain.bench.train import main
+
+    return main(args)
