@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.moe import MoELayer, MoEStats
+from moetrain.moe import MoEStats
 from moetrain.moe.experts import BiasFreeLinear
 
-from .attention import Attention, RelativePositionBias, RMSNorm
+from .attention import RMSNorm
 from .export_layout import ExportLayout
-from .switch import DenseFFN, Stack, SwitchEncoderModel, global_token_ids, is_sparse_layer
+from .switch import Stack, SwitchEncoderModel, ffn_factory, global_token_ids, init_t5
 
 __all__ = ["GENERATOR_LAYER_ID_BASE", "generator_model_config", "ElectraGenerator", "RTDHead", "ElectraOutput",
            "ElectraModel", "ClassificationHead", "SequenceClassifier"]
@@ -62,28 +62,6 @@ def generator_model_config(model_cfg, width_fraction: float, num_layers: int | N
     )
 
 
-@torch.no_grad()
-def _init_t5(module: nn.Module, cfg) -> None:
-    """T5 initialisation of attention, dense FFNs, position bias and norms (not MoE layers).
-
-    Same scheme as :class:`SwitchEncoderModel` (see ``_SwitchBase._init_weights``).
-    """
-    d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
-    for m in module.modules():
-        if isinstance(m, Attention):
-            nn.init.normal_(m.q.weight, std=(d * cfg.d_kv) ** -0.5)
-            nn.init.normal_(m.k.weight, std=d**-0.5)
-            nn.init.normal_(m.v.weight, std=d**-0.5)
-            nn.init.normal_(m.o.weight, std=inner**-0.5)
-        elif isinstance(m, DenseFFN):
-            nn.init.normal_(m.wi.weight, std=d**-0.5)
-            nn.init.normal_(m.wo.weight, std=cfg.d_ff**-0.5)
-        elif isinstance(m, RelativePositionBias):
-            nn.init.normal_(m.weight, std=d**-0.5)
-        elif isinstance(m, RMSNorm):
-            nn.init.ones_(m.weight)
-
-
 class ElectraGenerator(nn.Module):
     """The small MLM encoder. It owns no embedding: the shared one is passed to ``forward``.
 
@@ -100,32 +78,17 @@ class ElectraGenerator(nn.Module):
         self.cfg, self.d_embed = cfg, d_embed
         self.moe_layer_names: list[str] = []
         self.input_proj = BiasFreeLinear(d_embed, cfg.d_model) if cfg.d_model != d_embed else None
-        self.encoder = Stack(cfg, cfg.num_layers, False, self._ffn_factory(moe_cfg, ep_size, noise_seed, init_seed))
+        make_ffn = ffn_factory(cfg, moe_cfg, self.moe_layer_names, "generator.encoder", ep_size=ep_size,
+                               noise_seed=noise_seed, init_seed=init_seed, first_layer_id=GENERATOR_LAYER_ID_BASE)
+        self.encoder = Stack(cfg, cfg.num_layers, False, make_ffn)
         self.head_dense = BiasFreeLinear(cfg.d_model, d_embed)
         self.head_norm = RMSNorm(d_embed, cfg.layer_norm_epsilon)
         self.output_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        _init_t5(self, cfg)
+        init_t5(self, cfg)
         with torch.no_grad():
             if self.input_proj is not None:
                 nn.init.normal_(self.input_proj.weight, std=d_embed**-0.5)
             nn.init.normal_(self.head_dense.weight, std=cfg.d_model**-0.5)
-
-    def _ffn_factory(self, moe_cfg, ep_size: int, noise_seed: int, init_seed: int):
-        cfg = self.cfg
-
-        def make(i: int) -> nn.Module:
-            if moe_cfg is None or not is_sparse_layer(i, moe_cfg.sparse_step):
-                return DenseFFN(cfg.d_model, cfg.d_ff, cfg.dropout_rate)
-            layer_id = GENERATOR_LAYER_ID_BASE + len(self.moe_layer_names)
-            self.moe_layer_names.append(f"generator.encoder.{i}")
-            return MoELayer(
-                cfg.d_model, cfg.d_ff, moe_cfg.num_experts, estimator=moe_cfg.estimator, top_k=moe_cfg.top_k,
-                capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
-                min_capacity=moe_cfg.min_capacity, jitter_eps=moe_cfg.jitter_eps, jitter_mode=moe_cfg.jitter_mode,
-                temperature=moe_cfg.temperature, dropout=cfg.dropout_rate, ep_size=ep_size, layer_id=layer_id,
-                noise_seed=noise_seed, init_seed=init_seed)
-
-        return make
 
     def forward(self, embed: nn.Embedding, input_ids: Tensor, attention_mask: Tensor | None,
                 token_ids: Tensor) -> tuple[Tensor, list[MoEStats]]:

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.moe import MoELayer, MoEStats
-from moetrain.moe.experts import BiasFreeLinear
+from moetrain.moe.experts import BiasFreeLinear, FeedForward
 
 from .attention import Attention, DecoderCache, RelativePositionBias, RMSNorm, causal_bias, padding_bias
 from .export_layout import ExportLayout
 
-__all__ = ["MAX_POSITIONS", "SwitchOutput", "DenseFFN", "Block", "Stack", "SwitchTransformer",
-           "SwitchEncoderModel", "is_sparse_layer", "global_token_ids"]
+__all__ = ["MAX_POSITIONS", "SwitchOutput", "Block", "Stack", "SwitchTransformer", "SwitchEncoderModel",
+           "is_sparse_layer", "global_token_ids", "ffn_factory", "init_t5"]
 
 #: Positions per sample in the global token id space of the routing noise (sequences are
 #: far shorter: T5-style attention materialises [L, S] biases).
@@ -69,17 +69,55 @@ class SwitchOutput:
     encoder_hidden_states: Tensor
 
 
-class DenseFFN(nn.Module):
-    """T5 dense feed-forward ``wo(dropout(relu(wi(x))))``, bias-free."""
+def ffn_factory(model_cfg, moe_cfg, layer_names: list[str], stack_name: str, *, ep_size: int = 1,
+                noise_seed: int = 0, init_seed: int = 0, first_layer_id: int = 0):
+    """``make(i)`` -> the FFN of block ``i`` of a stack: an :class:`MoELayer` where
+    :func:`is_sparse_layer` says so (never when ``moe_cfg`` is None), else a dense
+    :class:`FeedForward`.
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
-        super().__init__()
-        self.wi = BiasFreeLinear(d_model, d_ff)
-        self.wo = BiasFreeLinear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+    Each MoE layer made gets the next ``layer_id`` from ``first_layer_id`` (it keys the routing
+    noise and the expert initialisation) and its path ``<stack_name>.<i>`` is appended to
+    ``layer_names``, in the order the stats come out of the forward pass.
+    """
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.wo(self.dropout(F.relu(self.wi(x))))
+    def make(i: int) -> nn.Module:
+        if moe_cfg is None or not is_sparse_layer(i, moe_cfg.sparse_step):
+            return FeedForward(model_cfg.d_model, model_cfg.d_ff, model_cfg.dropout_rate)
+        layer_id = first_layer_id + len(layer_names)
+        layer_names.append(f"{stack_name}.{i}")
+        return MoELayer.from_config(moe_cfg, model_cfg.d_model, model_cfg.d_ff, dropout=model_cfg.dropout_rate,
+                                    ep_size=ep_size, layer_id=layer_id, noise_seed=noise_seed, init_seed=init_seed)
+
+    return make
+
+
+@torch.no_grad()
+def init_t5(module: nn.Module, cfg) -> None:
+    """T5/HF initialisation, from the global RNG, of everything in ``module`` outside MoE layers
+    (experts and routers initialise themselves inside :class:`MoELayer`).
+
+    q N(0, 1/(d*d_kv)) so the unscaled scores start at unit size; k, v N(0, 1/d); o
+    N(0, 1/(h*d_kv)); dense FFN wi N(0, 1/d), wo N(0, 1/d_ff); relative bias N(0, 1/d); norms 1.
+    Modules are visited in ``module.modules()`` order, so the draws (and every model's
+    initial weights) do not depend on who calls this.
+    """
+    d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+    inside_moe = {id(m) for layer in module.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
+    for m in module.modules():
+        if id(m) in inside_moe:
+            continue
+        if isinstance(m, Attention):
+            nn.init.normal_(m.q.weight, std=(d * cfg.d_kv) ** -0.5)
+            nn.init.normal_(m.k.weight, std=d**-0.5)
+            nn.init.normal_(m.v.weight, std=d**-0.5)
+            nn.init.normal_(m.o.weight, std=inner**-0.5)
+        elif isinstance(m, FeedForward):
+            nn.init.normal_(m.wi.weight, std=d**-0.5)
+            nn.init.normal_(m.wo.weight, std=cfg.d_ff**-0.5)
+        elif isinstance(m, RelativePositionBias):
+            nn.init.normal_(m.weight, std=d**-0.5)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
 
 
 class Block(nn.Module):
@@ -185,48 +223,14 @@ class _SwitchBase(nn.Module):
         self.moe_layer_names: list[str] = []
 
     def _ffn_factory(self, stack_name: str):
-        cfg, moe = self.model_cfg, self.moe_cfg
-
-        def make(i: int) -> nn.Module:
-            if not is_sparse_layer(i, moe.sparse_step):
-                return DenseFFN(cfg.d_model, cfg.d_ff, cfg.dropout_rate)
-            layer_id = len(self.moe_layer_names)
-            self.moe_layer_names.append(f"{stack_name}.{i}")
-            return MoELayer(
-                cfg.d_model, cfg.d_ff, moe.num_experts, estimator=moe.estimator, top_k=moe.top_k,
-                capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
-                min_capacity=moe.min_capacity, jitter_eps=moe.jitter_eps, jitter_mode=moe.jitter_mode,
-                temperature=moe.temperature, dropout=cfg.dropout_rate, ep_size=self.ep_size,
-                layer_id=layer_id, noise_seed=self.noise_seed, init_seed=self.init_seed)
-
-        return make
+        return ffn_factory(self.model_cfg, self.moe_cfg, self.moe_layer_names, stack_name, ep_size=self.ep_size,
+                           noise_seed=self.noise_seed, init_seed=self.init_seed)
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """T5/HF initialisation from the global RNG (experts and routers init inside MoELayer).
-
-        Embedding N(0, 1) (the tied output is scaled by d_model**-0.5); q N(0, 1/(d*d_kv)) so
-        the unscaled scores start at unit size; k, v N(0, 1/d); o N(0, 1/(h*d_kv)); dense wi
-        N(0, 1/d), wo N(0, 1/d_ff); norms 1; relative bias N(0, 1/d).
-        """
-        cfg = self.model_cfg
-        d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+        """Embedding N(0, 1) (the tied output is scaled by d_model**-0.5), then :func:`init_t5`."""
         nn.init.normal_(self.embed.weight, std=1.0)
-        for module in self.modules():
-            if isinstance(module, MoELayer):
-                continue
-            if isinstance(module, Attention):
-                nn.init.normal_(module.q.weight, std=(d * cfg.d_kv) ** -0.5)
-                nn.init.normal_(module.k.weight, std=d**-0.5)
-                nn.init.normal_(module.v.weight, std=d**-0.5)
-                nn.init.normal_(module.o.weight, std=inner**-0.5)
-            elif isinstance(module, DenseFFN):
-                nn.init.normal_(module.wi.weight, std=d**-0.5)
-                nn.init.normal_(module.wo.weight, std=cfg.d_ff**-0.5)
-            elif isinstance(module, RelativePositionBias):
-                nn.init.normal_(module.weight, std=d**-0.5)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        init_t5(self, self.model_cfg)
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None, sample_ids: Tensor | None):
         b, s = input_ids.shape

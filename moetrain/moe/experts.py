@@ -35,8 +35,12 @@ class BiasFreeLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class ExpertFFN(nn.Module):
-    """T5 / Switch expert: ``wo(dropout(relu(wi(x))))``, bias-free (HF ``wi``/``wo`` names)."""
+class FeedForward(nn.Module):
+    """T5 / Switch feed-forward ``wo(dropout(relu(wi(x))))``, bias-free (HF ``wi``/``wo`` names).
+
+    The one FFN of moetrain: every expert is one, and so is the dense FFN of a block without
+    experts (:mod:`moetrain.models`). Its owner initialises the weights.
+    """
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
@@ -60,7 +64,7 @@ class LocalExperts(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, num_local: int, first_global_id: int, dropout: float = 0.0):
         super().__init__()
-        self.deepspeed_experts = nn.ModuleList(ExpertFFN(d_model, d_ff, dropout) for _ in range(num_local))
+        self.deepspeed_experts = nn.ModuleList(FeedForward(d_model, d_ff, dropout) for _ in range(num_local))
         self.first_global_id = first_global_id
 
     def reset_parameters(self, seed: int, layer_id: int, init_scale: float = 1.0) -> None:

@@ -147,6 +147,17 @@ class MoELayer(DeepSpeedMoE):
             param.group_name = self.expert_group_name
         self.dispatcher: LocalDispatcher = LocalDispatcher(num_experts)
 
+    @classmethod
+    def from_config(cls, moe_cfg, d_model: int, d_ff: int, *, dropout: float = 0.0, ep_size: int = 1,
+                    layer_id: int = 0, noise_seed: int = 0, init_seed: int = 0) -> "MoELayer":
+        """A layer built from the ``moe`` section of a run config (``MoEConfig``), the way every
+        model builds its MoE layers; the model supplies its sizes, dropout and the layer's place."""
+        return cls(d_model, d_ff, moe_cfg.num_experts, estimator=moe_cfg.estimator, top_k=moe_cfg.top_k,
+                   capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
+                   min_capacity=moe_cfg.min_capacity, jitter_eps=moe_cfg.jitter_eps, jitter_mode=moe_cfg.jitter_mode,
+                   temperature=moe_cfg.temperature, dropout=dropout, ep_size=ep_size, layer_id=layer_id,
+                   noise_seed=noise_seed, init_seed=init_seed)
+
     # -- distribution -----------------------------------------------------------------
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
