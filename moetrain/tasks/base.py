@@ -28,12 +28,15 @@ class LossOutput:
     Attributes:
         loss: scalar to back-propagate (already normalised per token/sample).
         num_tokens: tokens (or samples) that contributed, for throughput.
+        num_samples: sequences in the micro-batch (samples per second); the task knows what a
+            sample is, the trainer does not look inside batches.
         logs: floats to log (task loss, balance, z, accuracy, ...).
         moe_stats: per-layer ``MoEStats`` for router-health metrics.
     """
 
     loss: Tensor
     num_tokens: int
+    num_samples: int
     logs: dict[str, float] = field(default_factory=dict)
     moe_stats: list = field(default_factory=list)
 

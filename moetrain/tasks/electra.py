@@ -224,7 +224,8 @@ class ElectraTask(Task):
         loss = mlm + self.e.rtd_weight * rtd + aux
         counts = _rtd_counts(out, keep)
         logs = {"mlm_loss": float(mlm.detach()), "rtd_loss": float(rtd.detach()), **_rtd_rates(counts), **aux_logs}
-        return LossOutput(loss, int(keep.sum()), logs, out.moe_stats)
+        return LossOutput(loss=loss, num_tokens=int(keep.sum()), num_samples=batch["input_ids"].shape[0], logs=logs,
+                          moe_stats=out.moe_stats)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dp_rank: int = 0, dp_world: int = 1) -> dict[str, float]:

@@ -115,7 +115,8 @@ class TranslationTask(Task):
         aux, aux_logs = self._moe_aux_loss(out.moe_stats)
         loss = ce + aux
         logs = {"ce_loss": float(ce.detach()), "nll_loss": float(nll_sum) / max(ntok, 1), **aux_logs}
-        return LossOutput(loss=loss, num_tokens=ntok, logs=logs, moe_stats=out.moe_stats)
+        return LossOutput(loss=loss, num_tokens=ntok, num_samples=batch["input_ids"].shape[0], logs=logs,
+                          moe_stats=out.moe_stats)
 
     def _moe_aux_loss(self, moe_stats):
         from moetrain.models import moe_aux_loss

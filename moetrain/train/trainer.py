@@ -102,7 +102,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                 engine.step()
                 state.data_position += 1
                 if weight:
-                    window.add(out, _num_samples(batch))
+                    window.add(out, out.num_samples)
             else:
                 state.step += 1
                 run.logger.advance(state.step)
@@ -114,7 +114,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
             is_best = _maybe_evaluate(run, last and not batches.stopping)  # a stop skips the final eval
             if save and ((t.save_every and state.step % t.save_every == 0) or last):
                 saved = save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
-                                is_best=is_best, tokenizer_dir=getattr(run.task, "tokenizer_dir", None))
+                                is_best=is_best, tokenizer_dir=run.task.tokenizer_dir)
             window.start += time.perf_counter() - paused  # throughput excludes eval and saves
             if logging:
                 grad_norm = None
@@ -143,8 +143,7 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
     task = task if task is not None else build_task(cfg, out_dir)
     model = task.build_model(ep_size=cfg.parallel.ep_size)
     engine = build_engine(model, cfg.train, cfg.parallel, info)
-    state = TrainerState(metric=getattr(task, "best_metric", "loss"),
-                         higher_is_better=bool(getattr(task, "higher_is_better", False)))
+    state = TrainerState(metric=task.best_metric, higher_is_better=task.higher_is_better)
     ckpt, exact = resolve_resume(cfg.train.resume, out_dir / "checkpoints"), False
     if ckpt is not None:
         state, exact = load_checkpoint(engine, ckpt, cfg, info)  # exact: each rank's RNG restored
@@ -298,13 +297,3 @@ def _is_empty(batch: Any) -> bool:
     rows = [v.shape[0] for v in (batch.values() if isinstance(batch, dict) else [])
             if torch.is_tensor(v) and v.ndim]
     return bool(rows) and not any(rows)
-
-
-def _num_samples(batch: Any) -> int:
-    """Sequences in a batch: the leading size of ``input_ids`` (else of the first tensor)."""
-    if isinstance(batch, dict):
-        first = batch.get("input_ids")
-        if first is None:
-            first = next((v for v in batch.values() if torch.is_tensor(v)), None)
-        return int(first.shape[0]) if first is not None and first.ndim else 0
-    return 0

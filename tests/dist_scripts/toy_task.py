@@ -1,6 +1,6 @@
 """A tiny task for trainer tests: embeddings -> two MoE layers -> a softmax over the vocabulary.
 
-It honours the ``Task`` protocol with the properties the distributed tests rely on:
+It is a ``Task`` with the properties the distributed tests rely on:
 
 * the data is a pure function of (seed, micro-batch index): micro-batch ``m`` is one GLOBAL
   batch of ``rows`` sequences and rank ``r`` of ``W`` takes rows ``[r*rows/W, (r+1)*rows/W)``,
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.moe import MoELayer
-from moetrain.tasks import LossOutput
+from moetrain.tasks import LossOutput, Task
 
 
 class ToyModel(nn.Module):
@@ -50,7 +50,7 @@ class ToyModel(nn.Module):
         return self.head(self.norm(h)), stats
 
 
-class ToyTask:
+class ToyTask(Task):
     name = "toy"
     best_metric = "loss"
     higher_is_better = False
@@ -106,7 +106,7 @@ class ToyTask:
         ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
         moe = self.cfg.moe
         loss = ce + moe.balance_coef * sum(s.balance_loss for s in stats) + moe.z_coef * sum(s.z_loss for s in stats)
-        return LossOutput(loss, target.numel(), {"ce": float(ce.detach())}, stats)
+        return LossOutput(loss, target.numel(), len(batch["input_ids"]), {"ce": float(ce.detach())}, stats)
 
     def evaluate(self, model, dp_rank: int = 0, dp_world: int = 1) -> dict[str, float]:
         batch = self._rank_batch(10_000, dp_rank, dp_world)
@@ -147,4 +147,5 @@ class Seq2SeqToyTask(ToyTask):
         moe = self.cfg.moe
         stats = out.moe_stats
         aux = moe.balance_coef * sum(s.balance_loss for s in stats) + moe.z_coef * sum(s.z_loss for s in stats)
-        return LossOutput(ce + aux, batch["labels"].numel(), {"ce": float(ce.detach())}, out.moe_stats)
+        return LossOutput(ce + aux, batch["labels"].numel(), len(batch["input_ids"]), {"ce": float(ce.detach())},
+                          out.moe_stats)
