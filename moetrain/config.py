@@ -548,8 +548,10 @@ class GlueConfig:
     SwitchTransformersEncoderModel + ``moetrain_heads.safetensors``)."""
 
 
-#: Values of ``task``; each is a module in ``moetrain.tasks``.
-TASKS = ("translation", "glue", "electra")
+#: Values of ``task`` and the command that runs each. The trainer's tasks (``train``) are the
+#: classes :data:`moetrain.tasks.TASKS` registers (a test keeps the two in step); ``glue`` is
+#: fine-tuning, which ``moetrain finetune`` runs on its own (:mod:`moetrain.tasks.glue`).
+TASKS = {"translation": "train", "glue": "finetune", "electra": "train"}
 
 
 @dataclass
@@ -594,14 +596,14 @@ class RunConfig:
 # Named sizes live with the models (one table); importing them pulls in no torch.
 from moetrain.models.presets import PRESETS  # noqa: E402
 
-# Used when moetrain.moe.estimators cannot be imported (e.g. while it is being written).
-_FALLBACK_ESTIMATORS = ("switch", "topk", "sparsemixer", "sparsemixer_v2", "st", "stgs", "reinmax")
-
-# Estimators defined for one routing width only: Switch and SparseMixer(-v1) pick one expert;
-# SparseMixer-v2 is the GRIN/PhiMoE top-2 form; ST/STGS/ReinMax are dense in the backward
-# pass but their forward is a one-hot (argmax) choice. ``topk`` takes any k.
-_ESTIMATOR_TOP_K = {
+# The built-in estimators, so that validating them needs no torch import (a test keeps this
+# table inside the registry), and the one routing width each is defined for: Switch and
+# SparseMixer(-v1) pick one expert; SparseMixer-v2 is the GRIN/PhiMoE top-2 form; ST/STGS/ReinMax
+# are dense in the backward pass but their forward is a one-hot (argmax) choice. ``topk`` takes
+# any k (None).
+_BUILTIN_ESTIMATORS: dict[str, int | None] = {
     "switch": 1,
+    "topk": None,
     "sparsemixer": 1,
     "sparsemixer_v2": 2,
     "st": 1,
@@ -619,7 +621,7 @@ def known_estimators() -> list[str]:
     try:
         from moetrain.moe.estimators import ESTIMATORS
     except ImportError:
-        return list(_FALLBACK_ESTIMATORS)
+        return list(_BUILTIN_ESTIMATORS)
     return list(ESTIMATORS)
 
 
@@ -726,12 +728,12 @@ def _check_moe(moe: MoEConfig, m: ModelConfig, require: Callable[[bool, str, str
     require(moe.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {moe.num_experts}")
     require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
             f"must be between 1 and moe.num_experts={moe.num_experts}, got {moe.top_k}")
-    if moe.estimator not in _FALLBACK_ESTIMATORS:  # fast path skips the torch import
+    if moe.estimator not in _BUILTIN_ESTIMATORS:  # fast path skips the torch import
         names = known_estimators()
         require(moe.estimator in names, "moe.estimator",
                 f"unknown estimator '{moe.estimator}'{did_you_mean(moe.estimator, names)} "
                 f"Known: {', '.join(names)}")
-    need_k = _ESTIMATOR_TOP_K.get(moe.estimator)
+    need_k = _BUILTIN_ESTIMATORS.get(moe.estimator)
     require(need_k is None or moe.top_k == need_k, "moe.top_k",
             f"estimator '{moe.estimator}' is defined for top_k={need_k}, got {moe.top_k}"
             + (" (use sparsemixer_v2 or topk for two experts)" if need_k == 1 else ""))

@@ -290,6 +290,5 @@ def test_builtin_estimator_names_exist_in_registry():
     # Validation accepts the built-in names without importing torch; they must stay real.
     estimators = pytest.importorskip("moetrain.moe.estimators")
     registry = set(estimators.ESTIMATORS)
-    assert set(C._FALLBACK_ESTIMATORS) <= registry
-    assert set(C._ESTIMATOR_TOP_K) <= registry
+    assert set(C._BUILTIN_ESTIMATORS) <= registry
     assert set(C.known_estimators()) == registry

@@ -233,3 +233,12 @@ def test_build_task_registry(tmp_path, monkeypatch):
     assert isinstance(built, ProbeTask) and built.cfg is cfg and built.out_dir == tmp_path
     assert tasks.TASKS["translation"] == "moetrain.tasks.translation:TranslationTask"
     assert tasks.TASKS["electra"] == "moetrain.tasks.electra:ElectraTask"
+
+
+def test_task_registries_agree():
+    """Every task the config accepts for `moetrain train` has a class, and nothing else does."""
+    from moetrain import config, tasks
+
+    assert set(tasks.TASKS) == {name for name, command in config.TASKS.items() if command == "train"}
+    with pytest.raises(ValueError, match="task 'glue' is run by `moetrain finetune`"):
+        tasks.task_class("glue")

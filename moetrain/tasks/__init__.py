@@ -15,14 +15,16 @@ Attributes the trainer and the commands read, with their defaults on the base cl
     tokenizer_dir: str | Path | None = None      copied into each checkpoint's portable/tokenizer
     export_layout: ExportLayout                  which weights HF export writes (the model's own)
 
-Adding a task: write the class and add one line to :data:`TASKS` (and its name to
-``moetrain.config.TASKS``). Classes are imported only when used.
+Adding a task: write the class and add one line to :data:`TASKS` and one to
+``moetrain.config.TASKS`` (with ``"train"``: the trainer runs it). Classes are imported only when used.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
+
+from moetrain.config import TASKS as CONFIG_TASKS
 
 from .base import ExportCheck, LossOutput, Task
 
@@ -42,6 +44,8 @@ def task_class(name: str) -> type[Task]:
         ValueError: the name is not in :data:`TASKS`.
         ImportError: the task's module cannot be imported.
     """
+    if name not in TASKS and CONFIG_TASKS.get(name, "train") != "train":
+        raise ValueError(f"task '{name}' is run by `moetrain {CONFIG_TASKS[name]}`, not by the trainer")
     try:
         target = TASKS[name]
     except KeyError:
