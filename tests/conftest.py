@@ -1,8 +1,11 @@
-"""Shared pytest fixtures and helpers. Keep this small: what one file uses lives in that file."""
+"""Shared pytest fixtures. Keep this small: what one file uses lives in that file.
+
+Tests that start a process group take their port from ``moetrain.utils.net.free_port``, the
+helper the trainer and the benchmark use too.
+"""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,17 +27,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, for a test's process group.
-
-    Another process may take it before the test binds it; on a test machine that is rare
-    enough that a retry is not worth the code.
-    """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

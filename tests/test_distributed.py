@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from moetrain.utils.net import free_port
 
 pytestmark = pytest.mark.dist
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from moetrain.export import export_to_hf
 from moetrain.models import build_model
 from moetrain.moe import MoELayer
+from moetrain.utils.net import free_port
 
-from conftest import free_port
 from test_models import reverse_batch, tiny_cfgs, train_reverse
 
 MAX_LENGTH = 12

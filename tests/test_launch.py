@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from moetrain.utils.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"

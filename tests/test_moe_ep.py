@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from moetrain.utils.net import free_port
 
 pytestmark = pytest.mark.dist
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from moetrain.bench.train_options import add_arguments  # for ``python -m moetrain.bench.train``
+from moetrain.utils.net import free_port
 
 __all__ = ["main"]
 
@@ -73,7 +73,7 @@ def _run(config: str, overrides: list[str], out_dir: Path, ranks: int, threads: 
         cmd = [sys.executable, *worker]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()), *worker]
+               "--master_port", str(free_port()), *worker]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -101,12 +101,6 @@ def _print(rows: list[dict], args: argparse.Namespace, device: str) -> None:
         same_cores = "cpu" in device and rows[0]["threads_per_rank"] == 2 * rows[1]["threads_per_rank"]
         ideal = "1.0: both runs use the same cores" if same_cores else "2.0: twice the devices"
         print(f"scaling ratio (EP=2 on 2 ranks / 1 rank): {ratio:.2f}x (ideal {ideal})")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _NoEval:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.config import ParallelConfig, TrainConfig
+from moetrain.utils.net import free_port
 
 from .optim import build_optimizer
 from .schedule import build_scheduler
@@ -61,12 +61,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent).
 
@@ -83,7 +77,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
