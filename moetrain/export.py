@@ -44,7 +44,6 @@ from moetrain.hf_convert import (
     to_hf,
 )
 from moetrain.models.export_layout import ExportLayout, split_encoder
-
 from moetrain.utils.atomic import atomic_dir
 
 __all__ = ["ExportError", "export_to_hf", "export_checkpoint", "import_from_hf", "load_hf_state_dict",
