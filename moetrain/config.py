@@ -816,10 +816,9 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
     # would factor nothing and scale by the RMS of a shard instead of a weight (measured: docs/training.md).
     if t.optimizer == "adafactor":
         require(p.zero_stage == 0, "parallel.zero_stage",
-                f"must be 0 with train.optimizer=adafactor (ZeRO-1/2 hand the optimizer flat shards, which "
-                f"changes what Adafactor computes; its factored state is already ~1/d of Adam's, so ZeRO-1 would "
-                f"save little). Use zero_stage 0 (expert parallelism works there), or train.optimizer=adamw with "
-                f"train.lr_scale under ZeRO-1/2; got {p.zero_stage}")
+                f"must be 0 with train.optimizer=adafactor (ZeRO-1/2 give the optimizer flat shards, on which "
+                f"Adafactor computes something else; EP works at ZeRO-0, or use adamw with train.lr_scale), "
+                f"got {p.zero_stage}")
         require(t.precision != "fp16", "train.precision",
                 "must be fp32 or bf16 with train.optimizer=adafactor (fp16 needs ZeRO-1/2), got fp16")
 

@@ -55,3 +55,27 @@ def test_multi30k_runs_both_estimators_on_local_files(tmp_path, capsys):
 @pytest.mark.parametrize("script", sorted(p.stem for p in (REPO / "benchmarks").glob("*.py")))
 def test_benchmark_scripts_import(script):
     assert callable(_load(script).main)
+
+
+def test_electra_glue_skips_without_data_and_rejects_unknown_tasks(tmp_path, capsys):
+    bench = _load("electra_glue")
+    assert bench.main(["--shared", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]) == 0
+    assert "electra_glue benchmark skipped" in capsys.readouterr().out
+    assert bench.main(["--shared", str(tmp_path), "--tasks", "rte,qqp", "--out", str(tmp_path / "out")]) == 2
+    assert "unknown task(s) ['qqp']" in capsys.readouterr().err
+
+
+def test_electra_glue_quick_on_shared_data(tmp_path, capsys):
+    """Pretraining with Adafactor under a time budget, then fine-tuning both inits on CoLA (MCC)."""
+    shared = REPO.parent / "shared" / "data"
+    if not (shared / "glue-cola").is_dir():
+        pytest.skip("shared data absent")
+    bench = _load("electra_glue")
+    out = tmp_path / "out"
+    assert bench.main(["--quick", "--tasks", "cola", "--minutes", "0.5", "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["pretraining"]["steps"] <= 30 and set(summary["finetuning"]) == {"cola/pretrained", "cola/random"}
+    config = (out / "pretrain" / "config.yaml").read_text()
+    assert "optimizer: adafactor" in config and "max_minutes: 0.5" in config
+    text = (out / "results.md").read_text()
+    assert "| COLA | mcc |" in text and "gain vs 2 std" in text
