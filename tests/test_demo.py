@@ -10,11 +10,12 @@ evaluation with beam search, checkpoint, HF export and its check.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from launch_env import child_env
 
 from moetrain.config import load_config
 
@@ -32,7 +33,7 @@ def test_demo_config_loads():
 
 
 def _run(args: list[str], cache: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOETRAIN_CACHE": str(cache)}
+    env = child_env(MOETRAIN_CACHE=str(cache))
     return subprocess.run([sys.executable, "-m", "moetrain.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -14,7 +14,6 @@ Scenarios are grouped into three launches (each pays ~20 s of imports once), run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_env import child_env
 
 from moetrain.utils.net import free_port
 
@@ -59,7 +59,7 @@ def launch(spec: list[dict], tmp: Path, ranks: int, timeout: int = 240) -> subpr
         port = str(free_port())
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", port, str(SCRIPT), str(spec_file)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(["timeout", "-s", "KILL", str(timeout), *cmd], cwd=REPO, env=env,
                           capture_output=True, text=True)
     (tmp / f"log-{spec_file.stem}.txt").write_text(proc.stdout + proc.stderr)

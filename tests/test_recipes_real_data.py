@@ -8,12 +8,12 @@ take minutes of beam search). Skipped when ``../shared/data`` is absent (a user'
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch_env import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -40,7 +40,7 @@ def test_recipe_trains_until_its_time_budget(tmp_path, recipe):
                "data.test_tgt=null", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
                "train.max_minutes=0.002", "train.log_every=1", "train.max_decode_length=20"]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=child_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "time budget train.max_minutes=0.002 spent after step" in proc.stdout + proc.stderr
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
