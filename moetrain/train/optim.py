@@ -90,34 +90,35 @@ def stage0_grad_norm(model: nn.Module) -> float:
     stage-0 norm averages the per-rank norms instead, which is wrong once EP > 1
     (docs/deepspeed-ep.md, P2).
     """
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
-    replicas = 1
-    device = None
+    dense, expert, group_name = [], [], None
     for p in model.parameters():
         if p.grad is None:
             continue
-        device = p.grad.device
-        sq = p.grad.detach().double().pow(2).sum().cpu()
         if getattr(p, "allreduce", True):
-            dense += sq
+            dense.append(p.grad.detach())
         else:
-            expert += sq
-            replicas = _expert_replicas(p)
+            expert.append(p.grad.detach())
+            group_name = p.group_name
+    grads = dense + expert
+    if not grads:
+        return 0.0
+    # Squares summed on the gradients' device in float64; one transfer at the end (no per-tensor sync).
+    zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    dense_sq = sum((g.double().pow(2).sum() for g in dense), zero)
+    expert_sq = sum((g.double().pow(2).sum() for g in expert), zero)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        total = torch.stack([expert]).to(device or "cpu")
-        dist.all_reduce(total)
-        expert = total[0].cpu() / replicas
-    return float((dense + expert).sqrt())
+        dist.all_reduce(expert_sq)
+        expert_sq = expert_sq / _expert_replicas(group_name)
+    return float((dense_sq + expert_sq).sqrt())
 
 
-def _expert_replicas(param: nn.Parameter) -> int:
-    """How many ranks hold a copy of this expert parameter (its expert-data-parallel size)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def _expert_replicas(group_name: str | None) -> int:
+    """How many ranks hold a copy of each expert (the expert-data-parallel size of ``group_name``)."""
+    if group_name is None:
         return 1
     from deepspeed.utils import groups
 
-    return dist.get_world_size(group=groups._get_expert_data_parallel_group(param.group_name))
+    return dist.get_world_size(group=groups._get_expert_data_parallel_group(group_name))
 
 
 def clip_stage0_gradients(model: nn.Module, max_norm: float) -> float:
