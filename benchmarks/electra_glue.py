@@ -3,6 +3,7 @@
     python benchmarks/electra_glue.py --out runs/bench-electra-glue --minutes 45    # the issue-10 measurement
     python benchmarks/electra_glue.py --out runs/bench --steps 400 --tasks rte,mrpc  # a shorter look
     python benchmarks/electra_glue.py --out /tmp/bench --quick                       # a 2-minute smoke run
+    python benchmarks/electra_glue.py --out runs/curve --minutes 45 --curve-every 1000 # gain vs pretraining steps
 
 1. Pretrain a small Switch ELECTRA (discriminator d=64, 4 layers, two 8-expert Switch layers;
    dense generator at half width) on the Gutenberg prose and WikiText-2 files in
@@ -15,6 +16,9 @@
    CoLA MCC), and the same architecture with the same vocabulary from random weights, with
    identical settings and seeds (``moetrain.tasks.glue.finetune``).
 3. Write ``results.json`` and ``results.md`` (a table) in ``--out`` and print the table.
+   With ``--curve-every N`` pretraining keeps a checkpoint every N steps and each one is
+   fine-tuned as well: ``curve.csv`` and ``curve.png`` show the GLUE gain over random init
+   against pretraining steps (where a small budget shows no gain yet, where it starts).
 
 The shared data is read in place (never copied). When ``../shared/data`` (or ``--shared``)
 lacks any of the inputs, the script says so and exits 0.
@@ -59,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs (default 2)")
     p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest on a shared CPU)")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="also fine-tune the checkpoint of every N pretraining steps (gain-vs-steps curve)")
     p.add_argument("--quick", action="store_true", help="smoke run: 30 steps, 300 training examples, 1 seed")
     return p.parse_args(argv)
 
@@ -75,7 +81,8 @@ def pretrain(args, out: Path, shared: Path):
         "electra.encoding_errors=replace",  # chesterton-ball.txt holds 5 Latin-1 bytes ("Bruneti\xe8re")
         f"electra.seq_length={args.seq_length}", f"electra.batch_size={args.batch_size}", "electra.valid_sequences=256",
         "electra.generator_width_fraction=0.5", f"train.max_steps={args.steps}", "train.log_every=25",
-        "train.eval_every=0", "train.save_every=0", "train.keep_last=1", f"train.optimizer={args.optimizer}",
+        "train.eval_every=0", f"train.save_every={args.curve_every}", f"train.keep_last={0 if args.curve_every else 1}",
+        f"train.optimizer={args.optimizer}",
     ]
     if args.optimizer == "adafactor":  # T5's: relative step, constant; needs ZeRO-0
         overrides += [f"train.lr={args.pretrain_lr or 1e-2}", "train.warmup_steps=0", "train.schedule=constant",
@@ -94,19 +101,25 @@ def pretrain(args, out: Path, shared: Path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["type"] == "eval"][-1]
     first = next(r for r in records if r["type"] == "train")
-    steps = [r["step"] for r in records if r["type"] == "train"][-1]
+    from moetrain.checkpoint_format import TrainerState, list_checkpoints
+
+    # The step of the final checkpoint (train records are logged only every train.log_every steps).
+    steps = TrainerState.from_json(list_checkpoints(run / "checkpoints")[-1] / "trainer_state.json").step
     return run, {"seconds": time.perf_counter() - t0, "steps": steps, "first_train": first, "final_eval": final}
 
 
-def finetune_all(args, out: Path, shared: Path, pretrained: Path) -> dict:
+def finetune_all(args, out: Path, shared: Path, starts: dict[str, Path | None]) -> dict:
+    """Fine-tune every task from every start point; ``None`` = random init (architecture and
+    vocabulary from the final pretrained checkpoint). Keys are ``task/start``."""
     from moetrain.config import load_config
     from moetrain.tasks.glue import finetune
 
+    final = starts["pretrained"]
     results = {}
     for task in args.tasks.split(","):
         train_file, dev_file = GLUE_FILES[task]
-        for init in ("pretrained", "random"):
-            overrides = [f"glue.pretrained={pretrained}", f"glue.random_init={init == 'random'}",
+        for name, start in starts.items():
+            overrides = [f"glue.pretrained={start or final}", f"glue.random_init={start is None}",
                          f"glue.train_file={shared / train_file}", f"glue.dev_file={shared / dev_file}",
                          f"glue.num_seeds={1 if args.quick else args.seeds}", f"glue.epochs={args.epochs}",
                          f"glue.lr={args.lr}", "glue.batch_size=32", "glue.max_length=128"]
@@ -116,10 +129,58 @@ def finetune_all(args, out: Path, shared: Path, pretrained: Path) -> dict:
                 overrides.append(f"glue.max_train_examples={args.max_train_examples}")
             cfg = load_config(REPO_ROOT / "configs" / f"glue_{task}.yaml", overrides)
             t0 = time.perf_counter()
-            report = finetune(cfg, out / f"{task}-{init}")
+            report = finetune(cfg, out / f"{task}-{name}")
             report["seconds"] = time.perf_counter() - t0
-            results[f"{task}/{init}"] = report
+            results[f"{task}/{name}"] = report
     return results
+
+
+def curve_points(run: Path) -> dict[str, Path]:
+    """The intermediate checkpoints of the pretraining run, ``step_N`` -> directory."""
+    from moetrain.checkpoint_format import list_checkpoints
+
+    return {path.name: path for path in list_checkpoints(run / "checkpoints")}
+
+
+def curve_rows(results: dict, tasks: list[str], steps: dict[str, int]) -> list[dict]:
+    """One row per (pretraining step, task): the main metric's gain over random init and its 2-std bar."""
+    rows = []
+    for name, step in sorted(steps.items(), key=lambda kv: kv[1]):
+        for task in tasks:
+            metric = SHOWN[task][0]
+            p, r = results[f"{task}/{name}"]["summary"][metric], results[f"{task}/random"]["summary"][metric]
+            rows.append({"step": step, "task": task, "metric": metric, "pretrained": p["mean"],
+                         "pretrained_std": p["std"], "random": r["mean"], "random_std": r["std"],
+                         "gain": p["mean"] - r["mean"], "two_std": 2 * max(p["std"], r["std"])})
+    return rows
+
+
+def write_curve(rows: list[dict], out: Path) -> None:
+    """``curve.csv`` (the numbers) and ``curve.png`` (gain per task with the 2-std band)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        x = [r["step"] for r in mine]
+        line, = ax.plot(x, [r["gain"] for r in mine], marker="o", label=f"{task.upper()} {mine[0]['metric']}")
+        ax.fill_between(x, [-r["two_std"] for r in mine], [r["two_std"] for r in mine], color=line.get_color(), alpha=0.12)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("pretraining steps")
+    ax.set_ylabel("pretrained - random init (shaded: 2 std)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    plt.close(fig)
 
 
 def table(pre: dict, results: dict, tasks: list[str]) -> str:
@@ -169,8 +230,18 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run, pre = pretrain(args, out, shared)
-    results = finetune_all(args, out, shared, run)
+    intermediate = curve_points(run) if args.curve_every else {}
+    intermediate.popitem() if intermediate else None  # the final checkpoint is "pretrained"
+    steps = {name: int(name.split("_")[1]) for name in intermediate}
+    results = finetune_all(args, out, shared, {"pretrained": run, **intermediate, "random": None})
     text = table(pre, results, tasks)
+    if args.curve_every:
+        rows = curve_rows(results, tasks, {**steps, "pretrained": pre["steps"]})
+        write_curve(rows, out)
+        text += "\n\n" + "\n".join(
+            ["| pretraining step | task | metric | gain over random init | 2 std |", "|---|---|---|---|---|"]
+            + [f"| {r['step']} | {r['task'].upper()} | {r['metric']} | {r['gain']:+.4f} | {r['two_std']:.4f} |"
+               for r in rows])
     summary = {"args": vars(args), "pretraining": pre, "total_seconds": time.perf_counter() - t0,
                "finetuning": {k: {"summary": v["summary"], "majority_baseline": v["majority_baseline"],
                                   "seconds": v["seconds"], "start": v["start"]} for k, v in results.items()}}

@@ -76,10 +76,15 @@ def test_electra_glue_quick_on_shared_data(tmp_path, capsys):
     # MASTER_PORT and process group behind for the tests that launch ranks later.
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "benchmarks/electra_glue.py", "--quick", "--tasks", "cola", "--minutes", "0.5",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--curve-every", "10", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
-    assert summary["pretraining"]["steps"] <= 30 and set(summary["finetuning"]) == {"cola/pretrained", "cola/random"}
+    steps = summary["pretraining"]["steps"]
+    intermediate = {f"cola/step_{s:08d}" for s in range(10, steps, 10)}  # --curve-every 10; the final is "pretrained"
+    assert steps <= 30 and set(summary["finetuning"]) == {"cola/pretrained", "cola/random"} | intermediate
+    curve = (out / "curve.csv").read_text().splitlines()
+    assert curve[0].startswith("step,task,metric") and len(curve) == 2 + len(intermediate)
+    assert curve[-1].startswith(f"{steps},cola,mcc,") and (out / "curve.png").stat().st_size > 0
     config = (out / "pretrain" / "config.yaml").read_text()
     assert "optimizer: adafactor" in config and "max_minutes: 0.5" in config
     text = (out / "results.md").read_text()
