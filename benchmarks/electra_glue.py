@@ -16,6 +16,8 @@
    CoLA MCC), and the same architecture with the same vocabulary from random weights, with
    identical settings and seeds (``moetrain.tasks.glue.finetune``).
 3. Write ``results.json`` and ``results.md`` (a table) in ``--out`` and print the table.
+   Rerunning with the same ``--out`` resumes: pretraining continues from its latest checkpoint
+   (within the same time budget) and finished fine-tuning settings are read back, not rerun.
    With ``--curve-every N`` pretraining keeps a checkpoint every N steps and each one is
    fine-tuned as well: ``curve.csv`` and ``curve.png`` show the GLUE gain over random init
    against pretraining steps (where a small budget shows no gain yet, where it starts).
@@ -92,8 +94,11 @@ def pretrain(args, out: Path, shared: Path):
                       "train.schedule=linear"]
     if args.minutes is not None:
         overrides.append(f"train.max_minutes={args.minutes}")
-    cfg = load_config(REPO_ROOT / "configs" / "electra_tiny.yaml", overrides)
     run = out / "pretrain"
+    if (run / "checkpoints" / "latest").exists():
+        # Interrupted earlier (a session ended): continue, the time budget counts the earlier part.
+        overrides.append("train.resume=latest")
+    cfg = load_config(REPO_ROOT / "configs" / "electra_tiny.yaml", overrides)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
     t0 = time.perf_counter()
@@ -128,9 +133,14 @@ def finetune_all(args, out: Path, shared: Path, starts: dict[str, Path | None]) 
             elif args.max_train_examples:
                 overrides.append(f"glue.max_train_examples={args.max_train_examples}")
             cfg = load_config(REPO_ROOT / "configs" / f"glue_{task}.yaml", overrides)
+            done = out / f"{task}-{name}" / "bench_report.json"
+            if done.is_file():  # finished in an earlier invocation with the same --out
+                results[f"{task}/{name}"] = json.loads(done.read_text())
+                continue
             t0 = time.perf_counter()
-            report = finetune(cfg, out / f"{task}-{name}")
+            report = finetune(cfg, done.parent)
             report["seconds"] = time.perf_counter() - t0
+            done.write_text(json.dumps(report, indent=1) + "\n")
             results[f"{task}/{name}"] = report
     return results
 

@@ -85,6 +85,12 @@ def test_electra_glue_quick_on_shared_data(tmp_path, capsys):
     curve = (out / "curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,task,metric") and len(curve) == 2 + len(intermediate)
     assert curve[-1].startswith(f"{steps},cola,mcc,") and (out / "curve.png").stat().st_size > 0
+    # A second invocation on the same --out resumes: nothing is retrained or re-fine-tuned.
+    again = subprocess.run([sys.executable, "benchmarks/electra_glue.py", "--quick", "--tasks", "cola", "--minutes", "0.5",
+                            "--curve-every", "10", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["pretraining"]["steps"] == steps and resumed["finetuning"] == summary["finetuning"]
     config = (out / "pretrain" / "config.yaml").read_text()
     assert "optimizer: adafactor" in config and "max_minutes: 0.5" in config
     text = (out / "results.md").read_text()
