@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 
 from moetrain import __version__
 from moetrain.config import RunConfig, load_config, save_config
-from moetrain.utils.atomic import atomic_dir, write_text_synced
+from moetrain.utils.atomic import atomic_dir, publish_modes, write_text_synced
+from moetrain.utils.errors import UserError
 
 __all__ = ["ENGINE_DIR", "RNG_DIR", "PORTABLE", "CONFIG", "WEIGHTS", "OPTIMIZER", "TOKENIZER", "TRAINER_STATE",
            "CheckpointNotFound", "TrainerState", "PortableCheckpoint", "checkpoint_name", "list_checkpoints",
@@ -64,7 +65,7 @@ EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.deepspeed_moe\.experts\.deepspeed_expe
 _STEP = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(UserError, FileNotFoundError):
     """The path names no checkpoint; the message says what was expected there."""
 
 
@@ -158,6 +159,7 @@ def publish(root: Path, tmp: Path, name: str, is_best: bool) -> None:
         old = root / f".tmp-old-{name}"
         final.rename(old)
         shutil.rmtree(old)
+    publish_modes(tmp)  # safetensors and mkstemp write 0600 whatever the umask
     tmp.rename(final)
     write_pointer(root / LATEST, name)
     if is_best:

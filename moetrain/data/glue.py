@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moetrain.utils.errors import UserError
+
 __all__ = ["GlueDataError", "GlueTaskSpec", "GLUE_TASKS", "load_glue", "load_glue_file", "load_glue_hub"]
 
 
-class GlueDataError(ValueError):
+class GlueDataError(UserError, ValueError):
     """A GLUE file or dataset that does not fit the task; the message names it."""
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moetrain.utils.errors import UserError
+
 from . import synthetic
 
 __all__ = ["DataError", "CleaningReport", "SPLITS", "HUB_SPLITS", "read_lines", "read_parallel_files", "read_parallel_file_lists", "expand_paths",
@@ -45,7 +47,7 @@ SPLITS = ("train", "valid", "test")
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The input data is malformed; the message names the file and (1-based) line."""
 
 

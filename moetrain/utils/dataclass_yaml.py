@@ -35,6 +35,9 @@ from typing import Any
 
 import yaml
 
+from moetrain.utils.atomic import publish_modes
+from moetrain.utils.errors import UserError
+
 __all__ = [
     "ConfigError", "Context", "choices", "read_yaml_mapping", "parse_override", "set_dotted",
     "merge_into", "build_dataclass", "did_you_mean", "to_plain", "dump_yaml", "write_atomic",
@@ -42,7 +45,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override is invalid. ``str(err)`` is one line naming file and key."""
 
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
@@ -312,6 +315,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        publish_modes(tmp)  # mkstemp creates 0600; a plain open() would follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
