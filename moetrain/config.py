@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from moetrain.utils.argtypes import SIZE_PATTERN
 from moetrain.utils.dataclass_yaml import (
     ConfigError,
     Context,
@@ -824,7 +825,7 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
 
 
 def _check_export(e: ExportConfig, require: Callable[[bool, str, str], None]) -> None:
-    require(re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?)?B", e.max_shard_size, re.IGNORECASE) is not None,
+    require(re.fullmatch(SIZE_PATTERN, e.max_shard_size, re.IGNORECASE) is not None,
             "export.max_shard_size", f"expected a size like '500MB' or '2GB', got '{e.max_shard_size}'")
 
 

@@ -15,17 +15,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moetrain.utils.argtypes import at_least, float_at_least
+
 __all__ = ["add_evaluate_arguments", "main_evaluate", "add_translate_arguments", "main_translate"]
 
 
 def _add_decoding_arguments(parser) -> None:
-    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the checkpoint's train.beam_size, or 4)")
-    parser.add_argument("--lenpen", type=float, default=None,
+    parser.add_argument("--beam", type=at_least(1), default=None, help="beam size (default: the checkpoint's train.beam_size, or 4)")
+    parser.add_argument("--lenpen", type=float_at_least(0), default=None,
                         help="length penalty alpha (default: train.length_penalty, or 0.6)")
-    parser.add_argument("--max-length", dest="max_length", type=int, default=None,
+    parser.add_argument("--max-length", dest="max_length", type=at_least(1), default=None,
                         help="longest output in tokens (default: train.max_decode_length, or 256)")
-    parser.add_argument("--max-tokens", dest="max_tokens", type=int, default=4096,
-                        help="source-token budget of one translation batch (default: 4096)")
+    parser.add_argument("--max-tokens", dest="max_tokens", type=at_least(1), default=4096,
+                        help="source-token budget of one translation batch (default: 4096); with the "
+                             "beam it bounds the memory of one batch")
+    parser.add_argument("--max-source-length", dest="max_source_length", type=at_least(2), default=None,
+                        metavar="N",
+                        help="longer source lines are truncated to N tokens, with one warning counting them "
+                             "(default: the checkpoint's data.max_length, or 1024 for an HF directory)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
@@ -42,7 +49,7 @@ def add_evaluate_arguments(parser) -> None:
                                                       "eval-<src name>.json next to the checkpoint)")
     parser.add_argument("--tokenized-bleu", dest="tokenized_bleu", action="store_true",
                         help="also report tokenised BLEU with compound splitting (fairseq-era WMT'14 tables)")
-    parser.add_argument("--average-last", dest="average_last", type=int, default=0, metavar="N",
+    parser.add_argument("--average-last", dest="average_last", type=at_least(0), default=0, metavar="N",
                         help="average the weights of the run's last N checkpoints first")
     _add_decoding_arguments(parser)
 
@@ -52,17 +59,27 @@ def add_translate_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="portable checkpoint, run directory or HF directory")
     parser.add_argument("--input", required=True, help="source sentences, one per line ('-' = stdin)")
     parser.add_argument("--output", required=True, help="where to write the translations ('-' = stdout)")
-    parser.add_argument("--average-last", dest="average_last", type=int, default=0, metavar="N",
+    parser.add_argument("--average-last", dest="average_last", type=at_least(0), default=0, metavar="N",
                         help="average the weights of the run's last N checkpoints first")
     _add_decoding_arguments(parser)
 
 
+#: Source cap for an HF directory (no run config to take data.max_length from).
+DEFAULT_MAX_SOURCE_LENGTH = 1024
+
+
 def _decoding(args, cfg) -> dict[str, Any]:
     t = cfg.train if cfg is not None else None
-    return {"beam_size": args.beam or (t.beam_size if t else 4),
+    max_source = args.max_source_length or (cfg.data.max_length if cfg is not None else DEFAULT_MAX_SOURCE_LENGTH)
+    if max_source > args.max_tokens:
+        from moetrain.config import ConfigError
+
+        flag = "--max-source-length" if args.max_source_length else "data.max_length of the checkpoint"
+        raise ConfigError(f"--max-tokens: must be >= the longest source ({flag} = {max_source}), got {args.max_tokens}")
+    return {"beam_size": args.beam if args.beam is not None else (t.beam_size if t else 4),
             "length_penalty": args.lenpen if args.lenpen is not None else (t.length_penalty if t else 0.6),
-            "max_length": args.max_length or (t.max_decode_length if t else 256),
-            "max_tokens": args.max_tokens, "progress": args.progress}
+            "max_length": args.max_length if args.max_length is not None else (t.max_decode_length if t else 256),
+            "max_tokens": args.max_tokens, "max_source_length": max_source, "progress": args.progress}
 
 
 def _read(path: str) -> list[str]:
