@@ -286,8 +286,26 @@ def _latest(checkpoints: Path) -> Path | None:
     if latest.is_dir():
         return latest
     if latest.is_file():
-        return checkpoints / latest.read_text().strip()
+        return _pointed(latest)
     return None
+
+
+def _pointed(pointer: Path) -> Path:
+    """The step directory a ``latest``/``best`` file names; it must exist.
+
+    Raises:
+        CheckpointNotFound: the pointer names a directory that is gone (deleted by hand, or
+            copied without it), with the steps that are there.
+    """
+    name = pointer.read_text().strip()
+    step = pointer.parent / name
+    if not step.is_dir():
+        there = [p.name for p in list_checkpoints(pointer.parent)]
+        raise CheckpointNotFound(
+            f"{pointer} names '{name}', which does not exist; "
+            + (f"checkpoints there: {', '.join(there)} (write one of them into {pointer})" if there
+               else f"no checkpoint is left there (remove {pointer} to start afresh)"))
+    return step
 
 
 def resolve_portable(path: str | os.PathLike) -> Path:
@@ -322,12 +340,12 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         return None
     if resume in ("latest", "auto"):
         pointer = root / LATEST
-        return root / pointer.read_text().strip() if pointer.exists() else None
+        return _pointed(pointer) if pointer.exists() else None
     path = Path(resume)
     if (path / LATEST).is_file() and not (path / TRAINER_STATE).exists():
-        path = path / (path / LATEST).read_text().strip()
+        path = _pointed(path / LATEST)
     if not path.exists():
-        raise FileNotFoundError(f"train.resume: no checkpoint at {path}")
+        raise CheckpointNotFound(f"train.resume: no checkpoint at {path}")
     return path
 
 

@@ -35,8 +35,15 @@ def load_error(path: Path, overrides=()) -> ConfigError:
 # --- defaults and precedence ------------------------------------------------------------
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    cfg = load_config(write(tmp_path, ""))
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_empty_or_comment_only_file_is_an_error(tmp_path, text):
+    # issue 12: an empty recipe used to run silently with every default
+    with pytest.raises(ConfigError, match="empty or holds only comments"):
+        load_config(write(tmp_path, text))
+
+
+def test_minimal_file_gives_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "task: translation\n"))
     assert cfg == RunConfig(name="recipe")  # name defaults to the file stem
     assert cfg.moe.num_experts == 8 and cfg.train.adam_betas == (0.9, 0.98)
     assert cfg.moe.capacity_factor == 1.25 and cfg.moe.eval_capacity_factor is None

@@ -87,9 +87,16 @@ def read_yaml_mapping(path: Path, ctx: Context) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ctx.error(None, f"invalid YAML: {err}") from None
+        # One line: PyYAML's own message spans several (context, problem, a caret drawing).
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ctx.error(None, f"invalid YAML: {where}{problem}") from None
     if raw is None:
-        return {}
+        # An empty or comment-only file is almost always a mistake (wrong file, truncated copy);
+        # running every default silently would train something nobody asked for.
+        raise ctx.error(None, "the file is empty or holds only comments; a recipe needs at least one "
+                              "section (configs/tiny.yaml is the smallest runnable one)")
     if not isinstance(raw, dict):
         raise ctx.error(None, f"expected a mapping of sections at top level, got {_describe(raw)}")
     return raw
