@@ -34,7 +34,7 @@ from moetrain.commands.bench import add_bench_arguments, main_bench
 from moetrain.commands.common import add_run_arguments, work_command
 from moetrain.commands.export import add_export_arguments, main_export
 from moetrain.commands.finetune import main_finetune
-from moetrain.commands.print_config import main_config
+from moetrain.commands.print_config import add_config_arguments, main_config
 from moetrain.commands.train import main_train
 from moetrain.commands.translation import add_evaluate_arguments, add_translate_arguments, main_evaluate, main_translate
 from moetrain.utils.errors import UserError
@@ -78,7 +78,7 @@ register_command(
     "Train from a YAML recipe with DeepSpeed (ZeRO 1/2, expert parallelism): periodic "
     "validation, checkpoints and metrics in the run directory. For several ranks launch "
     "`deepspeed --module moetrain.cli train CONFIG --output-dir DIR`.",
-    add_run_arguments, work_command(main_train))
+    add_run_arguments, work_command(main_train, "train"))
 register_command(
     "evaluate", "score a checkpoint: sacreBLEU on a test set",
     "Translate a test set with beam search and print detokenised sacreBLEU with its signature "
@@ -98,12 +98,12 @@ register_command(
 register_command(
     "finetune", "fine-tune a pretrained encoder on a GLUE task",
     "Fine-tune a pretrained Switch encoder on one GLUE task and report its metric.",
-    add_run_arguments, work_command(main_finetune))
+    add_run_arguments, work_command(main_finetune, "finetune"))
 register_command(
     "config", "print the resolved config of a recipe",
     "Load a recipe exactly as `train` would (preset, file, --set overrides, validation) "
     "and print the resolved config as YAML. Nothing is created.",
-    lambda parser: add_run_arguments(parser, output_dir=False), main_config)
+    add_config_arguments, main_config)
 register_command(
     "bench", "micro-benchmarks",
     "Micro-benchmarks of moetrain's building blocks on the current device.",

@@ -813,7 +813,8 @@ def _check_data(d: DataConfig, m: ModelConfig, require: Callable[[bool, str, str
         require(d.train_tgt is not None, "data.train_tgt", "is required when data.source is 'files'")
     require(d.vocab_size >= 1, "data.vocab_size", f"must be >= 1, got {d.vocab_size}")
     require(d.vocab_size <= m.vocab_size, "data.vocab_size",
-            f"tokenizer vocabulary ({d.vocab_size}) must fit model.vocab_size ({m.vocab_size})")
+            f"tokenizer vocabulary ({d.vocab_size}) must fit model.vocab_size ({m.vocab_size}); raise "
+            f"model.vocab_size to at least {d.vocab_size} or lower data.vocab_size")
     require(d.max_length >= 1, "data.max_length", f"must be >= 1, got {d.max_length}")
     require(d.max_tokens >= d.max_length, "data.max_tokens",
             f"must be >= data.max_length ({d.max_length}) so that one pair fits a batch, got {d.max_tokens}")
@@ -867,6 +868,9 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
                 f"got {p.zero_stage}")
         require(t.precision != "fp16", "train.precision",
                 "must be fp32 or bf16 with train.optimizer=adafactor (fp16 needs ZeRO-1/2), got fp16")
+    require(t.precision != "fp16" or p.zero_stage in (1, 2), "train.precision",
+            f"fp16 needs parallel.zero_stage 1 or 2 (the portable checkpoint reads fp32 master weights from the "
+            f"ZeRO optimizer), got zero_stage {p.zero_stage}")
 
 
 def _check_export(e: ExportConfig, require: Callable[[bool, str, str], None]) -> None:

@@ -84,8 +84,11 @@ class TranslationTask(Task):
         self.tokenizer = self.data.tokenizer
         self.tokenizer_dir = self.data.tokenizer_dir
         if len(self.tokenizer) > cfg.model.vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but model.vocab_size is "
-                             f"{cfg.model.vocab_size}; raise model.vocab_size or lower data.vocab_size")
+            from moetrain.data.sources import DataError
+
+            raise DataError(f"model.vocab_size: the tokenizer ({self.tokenizer_dir}) has {len(self.tokenizer)} tokens "
+                            f"but model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size to at least "
+                            f"{len(self.tokenizer)}" + ("" if cfg.data.tokenizer else " or lower data.vocab_size"))
 
     # -- Task protocol -----------------------------------------------------------------
 
