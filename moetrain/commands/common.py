@@ -12,11 +12,14 @@ and nothing is created. Then it creates the run directory and writes ``config.ya
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from moetrain.config import TASKS, ConfigError, RunConfig, config_to_yaml, load_config, save_config
+from moetrain.utils.errors import UserError
 from moetrain.utils.rundir import create_run_dir, default_run_dir, process_rank, world_size
 
 __all__ = ["add_run_arguments", "prepare_run", "work_command", "preflight", "check_ranks", "input_paths"]
@@ -90,10 +93,28 @@ def work_command(function: Callable[[RunConfig, Path, argparse.Namespace], int |
     def run(args: argparse.Namespace) -> int | None:
         cfg = load_config(args.config, args.overrides)  # fails fast
         preflight(cfg, args, command)
+        given = getattr(args, "output_dir", None)
+        existed = given is not None and Path(given).exists()
+        parent_existed = Path(given or "runs").parent.exists() if given else Path("runs").exists()
         cfg, out_dir = prepare_run(args, cfg)
-        return function(cfg, out_dir, args)
+        try:
+            return function(cfg, out_dir, args)
+        except UserError:
+            # Refused after the directory was made (e.g. an unreachable Hub dataset): a directory
+            # this command created and that holds no checkpoint goes again, so nothing is left.
+            if not existed and process_rank() == 0 and not _has_checkpoint(out_dir):
+                shutil.rmtree(out_dir, ignore_errors=True)
+                if not parent_existed:
+                    with contextlib.suppress(OSError):
+                        out_dir.parent.rmdir()  # only when empty
+            raise
 
     return run
+
+
+def _has_checkpoint(out_dir: Path) -> bool:
+    root = out_dir / "checkpoints"
+    return root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
 
 
 # --- checks before anything is created ------------------------------------------------------
