@@ -65,6 +65,10 @@ EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.deepspeed_moe\.experts\.deepspeed_expe
 _STEP = re.compile(r"^step_(\d+)$")
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint request that cannot be met (e.g. more checkpoints to average than exist)."""
+
+
 class CheckpointNotFound(UserError, FileNotFoundError):
     """The path names no checkpoint; the message says what was expected there."""
 
@@ -129,7 +133,8 @@ def last_checkpoints(run_dir: str | os.PathLike, n: int) -> list[Path]:
     root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     steps = list_checkpoints(root)
     if len(steps) < n:
-        raise ValueError(f"{root}: asked to average the last {n} checkpoints but found {len(steps)}")
+        raise CheckpointError(f"--average-last {n}: {root} holds {len(steps)} checkpoint(s); "
+                              f"expected at least {n} (train.keep_last keeps that many)")
     return steps[-n:]
 
 

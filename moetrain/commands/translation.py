@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrain.utils.argtypes import at_least, float_at_least
+from moetrain.utils.errors import UserError
 
 __all__ = ["add_evaluate_arguments", "main_evaluate", "add_translate_arguments", "main_translate"]
 
@@ -90,22 +91,56 @@ def _read(path: str) -> list[str]:
 
 def _eval_pairs(args, cfg) -> tuple[list[str], list[str], str]:
     """``(sources, references, name)`` from ``--src/--ref`` or the checkpoint's config."""
-    if (args.src is None) != (args.ref is None):
-        raise ValueError("give both --src and --ref, or neither (then the config's test/valid set is used)")
     if args.src is not None:
         src, ref = _read(args.src), _read(args.ref)
         if len(src) != len(ref):
-            raise ValueError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
+            raise UserError(f"--ref: {args.ref} has {len(ref)} lines but --src {args.src} has {len(src)}; "
+                            "expected one reference per source line")
         return src, ref, Path(args.src).name
     if cfg is None:
-        raise ValueError("an HF directory has no data config: pass --src and --ref")
+        raise UserError(f"{args.checkpoint} is an HF directory, which has no data config: pass --src and --ref")
     from moetrain.data.sources import load_split
 
     for split in ("test", "valid"):
         pairs = load_split(cfg.data, split, cfg.train.seed)
         if pairs is not None:
             return list(pairs[0]), list(pairs[1]), split
-    raise ValueError("the checkpoint's config names no test or validation data: pass --src and --ref")
+    raise UserError("the checkpoint's config names no test or validation data (data.test_src, "
+                    "data.valid_src): pass --src and --ref")
+
+
+def _check_args(args, *, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+    """File and device options, checked before the model is loaded (one line each)."""
+    if "src" in inputs and (args.src is None) != (args.ref is None):
+        raise UserError("give both --src and --ref, or neither (then the checkpoint's test/valid set is used)")
+    for flag in inputs:
+        value = getattr(args, flag)
+        if value is None or value == "-":
+            continue
+        path = Path(value)
+        if not path.exists():
+            raise UserError(f"--{flag}: no such file: {value}")
+        if not path.is_file():
+            raise UserError(f"--{flag}: {value} is a directory; expected a text file, one sentence per line")
+    for flag in outputs:
+        value = getattr(args, flag)
+        if value is None or value == "-":
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise UserError(f"--{flag}: {value} is a directory; expected a file name")
+        if not path.parent.is_dir():
+            raise UserError(f"--{flag}: directory {path.parent} does not exist")
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"--device: unknown device '{args.device}'; expected cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device is available (torch {torch.__version__}); "
+                            "use --device cpu")
 
 
 def main_evaluate(args) -> int:
@@ -113,6 +148,7 @@ def main_evaluate(args) -> int:
     from moetrain.eval.bleu import bleu_report
     from moetrain.tasks.translation import Translator
 
+    _check_args(args, inputs=("src", "ref"), outputs=("output", "json"))
     translator, cfg = Translator.load(args.checkpoint, args.average_last, args.device)
     src, ref, name = _eval_pairs(args, cfg)
     hyps = translator.translate(src, **_decoding(args, cfg))
@@ -143,6 +179,7 @@ def main_translate(args) -> int:
     """``moetrain translate``: translate a file line by line."""
     from moetrain.tasks.translation import Translator
 
+    _check_args(args, inputs=("input",), outputs=("output",))
     translator, cfg = Translator.load(args.checkpoint, args.average_last, args.device)
     hyps = translator.translate(_read(args.input), **_decoding(args, cfg))
     text = "".join(h + "\n" for h in hyps)
