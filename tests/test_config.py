@@ -18,6 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [C.ModelConfig, C.MoEConfig, C.DataConfig, C.TrainConfig, C.ParallelConfig, C.ExportConfig, RunConfig]
 
 
+#: The smallest recipe: an empty file is an error (issue 12).
+MINIMAL = "task: translation\n"
+
+
 def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -148,7 +152,7 @@ def test_unknown_key_names_file_key_and_suggestion(tmp_path):
 
 
 def test_unknown_key_from_override_says_so(tmp_path):
-    message = str(load_error(write(tmp_path, ""), ["train.warmup_step=1"]))
+    message = str(load_error(write(tmp_path, MINIMAL), ["train.warmup_step=1"]))
     assert "unknown key 'train.warmup_step'" in message and "did you mean 'train.warmup_steps'?" in message
     assert "--set train.warmup_step=1" in message
 
@@ -182,7 +186,7 @@ def test_unknown_section(tmp_path):
     ("trainlr", "--set expects section.key=value"),
 ])
 def test_type_errors(tmp_path, override, fragment):
-    message = str(load_error(write(tmp_path, ""), [override]))
+    message = str(load_error(write(tmp_path, MINIMAL), [override]))
     assert fragment in message
 
 
@@ -219,7 +223,7 @@ def test_type_errors(tmp_path, override, fragment):
     (["export.max_shard_size=lots"], "export.max_shard_size: expected a size"),
 ])
 def test_impossible_values(tmp_path, overrides, fragment):
-    message = str(load_error(write(tmp_path, ""), overrides))
+    message = str(load_error(write(tmp_path, MINIMAL), overrides))
     assert fragment in message
 
 
@@ -233,11 +237,11 @@ def test_impossible_values(tmp_path, overrides, fragment):
     ["model.arch=encoder", "model.num_decoder_layers=0"],
 ])
 def test_possible_values_pass(tmp_path, overrides):
-    load_config(write(tmp_path, ""), overrides)
+    load_config(write(tmp_path, MINIMAL), overrides)
 
 
 def test_validation_error_names_the_override(tmp_path):
-    assert "(from --set moe.top_k=9)" in str(load_error(write(tmp_path, ""), ["moe.top_k=9"]))
+    assert "(from --set moe.top_k=9)" in str(load_error(write(tmp_path, MINIMAL), ["moe.top_k=9"]))
 
 
 def test_export_after_train_is_for_translation(tmp_path):
