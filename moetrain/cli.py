@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         # Anything else is a bug and keeps its traceback.
         if args.debug:
             traceback.print_exc()
-        print(f"moetrain {label}: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"moetrain {label}: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"moetrain {label}: interrupted", file=sys.stderr)
