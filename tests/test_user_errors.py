@@ -302,3 +302,17 @@ def test_atomic_writes_follow_a_strict_umask_too(tmp_path):
         os.umask(old)
     assert _mode(tmp_path / "c.yaml") == 0o640
     assert _mode(tmp_path / "d") == 0o750 and _mode(tmp_path / "d" / "f") == 0o640
+
+
+def test_evaluate_names_a_missing_test_file_of_the_checkpoint(work, fixture_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fixture_run, run)
+    (config,) = run.glob("checkpoints/step_*/portable/config.yaml")
+    saved = yaml.safe_load(config.read_text())
+    saved["data"].update(source="files", train_src=str(tmp_path / "gone.en"), train_tgt=str(tmp_path / "gone.de"),
+                         test_src=str(tmp_path / "gone-test.en"), test_tgt=str(tmp_path / "gone-test.de"))
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    result = moetrain("evaluate", str(run), cwd=work)
+    assert_one_line_error(result, "evaluate", "data.test_src", str(tmp_path / "gone-test.en"), "--src and --ref")

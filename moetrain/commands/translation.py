@@ -101,7 +101,15 @@ def _eval_pairs(args, cfg) -> tuple[list[str], list[str], str]:
         raise UserError(f"{args.checkpoint} is an HF directory, which has no data config: pass --src and --ref")
     from moetrain.data.sources import load_split
 
+    from .common import _expand
+
     for split in ("test", "valid"):
+        for side in ("src", "tgt"):
+            spec = getattr(cfg.data, f"{split}_{side}") if cfg.data.source != "synthetic" else None
+            for path in _expand(spec) if spec else []:
+                if not Path(path).is_file():
+                    raise UserError(f"data.{split}_{side} of the checkpoint's config: no such file: {path} "
+                                    "(pass --src and --ref, or restore the file)")
         pairs = load_split(cfg.data, split, cfg.train.seed)
         if pairs is not None:
             return list(pairs[0]), list(pairs[1]), split
