@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 
 from moetrain import __version__
 from moetrain.config import RunConfig, load_config, save_config
-from moetrain.utils.atomic import atomic_dir, write_text_synced
+from moetrain.utils.atomic import atomic_dir, publish_modes, write_text_synced
+from moetrain.utils.errors import UserError
 
 __all__ = ["ENGINE_DIR", "RNG_DIR", "PORTABLE", "CONFIG", "WEIGHTS", "OPTIMIZER", "TOKENIZER", "TRAINER_STATE",
            "CheckpointNotFound", "TrainerState", "PortableCheckpoint", "checkpoint_name", "list_checkpoints",
@@ -64,7 +65,11 @@ EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.deepspeed_moe\.experts\.deepspeed_expe
 _STEP = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointError(UserError, ValueError):
+    """A checkpoint request that cannot be met (e.g. more checkpoints to average than exist)."""
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
     """The path names no checkpoint; the message says what was expected there."""
 
 
@@ -128,7 +133,8 @@ def last_checkpoints(run_dir: str | os.PathLike, n: int) -> list[Path]:
     root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     steps = list_checkpoints(root)
     if len(steps) < n:
-        raise ValueError(f"{root}: asked to average the last {n} checkpoints but found {len(steps)}")
+        raise CheckpointError(f"--average-last {n}: {root} holds {len(steps)} checkpoint(s); "
+                              f"expected at least {n} (train.keep_last keeps that many)")
     return steps[-n:]
 
 
@@ -158,6 +164,7 @@ def publish(root: Path, tmp: Path, name: str, is_best: bool) -> None:
         old = root / f".tmp-old-{name}"
         final.rename(old)
         shutil.rmtree(old)
+    publish_modes(tmp)  # safetensors and mkstemp write 0600 whatever the umask
     tmp.rename(final)
     write_pointer(root / LATEST, name)
     if is_best:
@@ -284,8 +291,26 @@ def _latest(checkpoints: Path) -> Path | None:
     if latest.is_dir():
         return latest
     if latest.is_file():
-        return checkpoints / latest.read_text().strip()
+        return _pointed(latest)
     return None
+
+
+def _pointed(pointer: Path) -> Path:
+    """The step directory a ``latest``/``best`` file names; it must exist.
+
+    Raises:
+        CheckpointNotFound: the pointer names a directory that is gone (deleted by hand, or
+            copied without it), with the steps that are there.
+    """
+    name = pointer.read_text().strip()
+    step = pointer.parent / name
+    if not step.is_dir():
+        there = [p.name for p in list_checkpoints(pointer.parent)]
+        raise CheckpointNotFound(
+            f"{pointer} names '{name}', which does not exist; "
+            + (f"checkpoints there: {', '.join(there)} (write one of them into {pointer})" if there
+               else f"no checkpoint is left there (remove {pointer} to start afresh)"))
+    return step
 
 
 def resolve_portable(path: str | os.PathLike) -> Path:
@@ -320,12 +345,12 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         return None
     if resume in ("latest", "auto"):
         pointer = root / LATEST
-        return root / pointer.read_text().strip() if pointer.exists() else None
+        return _pointed(pointer) if pointer.exists() else None
     path = Path(resume)
     if (path / LATEST).is_file() and not (path / TRAINER_STATE).exists():
-        path = path / (path / LATEST).read_text().strip()
+        path = _pointed(path / LATEST)
     if not path.exists():
-        raise FileNotFoundError(f"train.resume: no checkpoint at {path}")
+        raise CheckpointNotFound(f"train.resume: no checkpoint at {path}")
     return path
 
 

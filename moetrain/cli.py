@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,14 +34,22 @@ from moetrain.commands.bench import add_bench_arguments, main_bench
 from moetrain.commands.common import add_run_arguments, work_command
 from moetrain.commands.export import add_export_arguments, main_export
 from moetrain.commands.finetune import main_finetune
-from moetrain.commands.print_config import main_config
+from moetrain.commands.print_config import add_config_arguments, main_config
 from moetrain.commands.train import main_train
 from moetrain.commands.translation import add_evaluate_arguments, add_translate_arguments, main_evaluate, main_translate
-from moetrain.config import ConfigError
+from moetrain.utils.errors import UserError
 
 __all__ = ["COMMANDS", "Command", "register_command", "build_parser", "main"]
 
-EXIT_USAGE = 2  # argparse's own code for bad usage; config errors use it too
+EXIT_USAGE = 2  # argparse's own code for bad usage; every user error (UserError) uses it too
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: what is wrong and where the help is
+    (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ register_command(
     "Train from a YAML recipe with DeepSpeed (ZeRO 1/2, expert parallelism): periodic "
     "validation, checkpoints and metrics in the run directory. For several ranks launch "
     "`deepspeed --module moetrain.cli train CONFIG --output-dir DIR`.",
-    add_run_arguments, work_command(main_train))
+    add_run_arguments, work_command(main_train, "train"))
 register_command(
     "evaluate", "score a checkpoint: sacreBLEU on a test set",
     "Translate a test set with beam search and print detokenised sacreBLEU with its signature "
@@ -89,12 +98,12 @@ register_command(
 register_command(
     "finetune", "fine-tune a pretrained encoder on a GLUE task",
     "Fine-tune a pretrained Switch encoder on one GLUE task and report its metric.",
-    add_run_arguments, work_command(main_finetune))
+    add_run_arguments, work_command(main_finetune, "finetune"))
 register_command(
     "config", "print the resolved config of a recipe",
     "Load a recipe exactly as `train` would (preset, file, --set overrides, validation) "
     "and print the resolved config as YAML. Nothing is created.",
-    lambda parser: add_run_arguments(parser, output_dir=False), main_config)
+    add_config_arguments, main_config)
 register_command(
     "bench", "micro-benchmarks",
     "Micro-benchmarks of moetrain's building blocks on the current device.",
@@ -103,7 +112,7 @@ register_command(
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moetrain",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=32),
         description="Train, evaluate and export sparse Mixture-of-Experts Switch Transformers "
@@ -111,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: moetrain train configs/demo.yaml --set moe.estimator=reinmax. "
                "Run `moetrain COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"moetrain {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of user errors too (bad config, missing file, ...); "
+                             "internal errors always show theirs")
     # Added by the deepspeed launcher before the command; the rank is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, command in COMMANDS.items():
         child = sub.add_parser(name, help=command.help, description=command.description)
         command.add_arguments(child)
+        # `moetrain train --debug ...` works as well as `moetrain --debug train ...`.
+        child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         child.set_defaults(run=command.run)
     return parser
 
@@ -131,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     label = args.command + (f" {args.bench_target}" if args.command == "bench" else "")
     try:
         return int(args.run(args) or 0)
-    except ConfigError as err:
-        print(f"moetrain {label}: {err}", file=sys.stderr)
+    except UserError as err:
+        # Expected errors (bad config, missing data, absent checkpoint): one line, exit 2.
+        # Anything else is a bug and keeps its traceback.
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"moetrain {label}: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"moetrain {label}: interrupted", file=sys.stderr)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from moetrain.utils.argtypes import SIZE_PATTERN
 from moetrain.utils.dataclass_yaml import (
     ConfigError,
     Context,
@@ -72,6 +73,8 @@ __all__ = [
     "save_config",
     "known_estimators",
     "field_docs",
+    "absolute_paths",
+    "PATH_KEYS",
 ]
 
 
@@ -634,7 +637,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     """Read a YAML recipe, apply preset and ``--set`` overrides, and validate.
 
     Args:
-        path: the YAML file. An empty file gives the defaults.
+        path: the YAML file. An empty or comment-only file is an error.
         overrides: ``"section.key=value"`` strings; ``value`` is parsed with
             ``yaml.safe_load`` (so ``null``, ``[0.9, 0.99]`` and ``true`` work).
 
@@ -662,7 +665,50 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     cfg = build_dataclass(RunConfig, tree, ctx)
     if not cfg.name:
         cfg.name = Path(path).stem
+    absolute_paths(cfg)
     _validate(cfg, ctx)
+    return cfg
+
+
+#: Config keys that hold local paths (``section.key``). Comma-separated lists and glob patterns
+#: are allowed in the data file keys; each part is made absolute on its own.
+PATH_KEYS = ("data.train_src", "data.train_tgt", "data.valid_src", "data.valid_tgt", "data.test_src",
+             "data.test_tgt", "data.tokenizer", "data.cache_dir", "electra.train_files", "electra.valid_files",
+             "glue.pretrained", "glue.train_file", "glue.dev_file", "train.init_from_hf", "train.resume",
+             "export.out_dir")
+#: Keys that name a Hub dataset or, when such a path exists, a local dataset directory.
+HUB_OR_PATH_KEYS = ("data.hub_name", "electra.hub_name", "glue.hub_name")
+
+
+def absolute_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
+    """Make every relative path in ``cfg`` absolute, in place, against ``base``.
+
+    **The base is the current working directory** (default), the directory ``moetrain`` is
+    started from: the shipped recipes write ``../shared/data/...`` and are run from the
+    repository root. The resolved config a run saves therefore holds absolute paths, and
+    ``moetrain evaluate RUN`` finds the run's data from any directory. ``train.resume:
+    latest``/``auto`` is a keyword, not a path; a Hub name stays a name unless a directory
+    of that name exists.
+    """
+    root = Path(base) if base is not None else Path.cwd()
+
+    def absolute(part: str) -> str:
+        part = os.path.expanduser(part.strip())
+        return os.path.normpath(os.path.join(root, part)) if part else part
+
+    for dotted in PATH_KEYS + HUB_OR_PATH_KEYS:
+        section, key = dotted.split(".")
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if not isinstance(value, str) or not value:
+            continue
+        if dotted == "train.resume" and value in ("latest", "auto"):
+            continue
+        if dotted in HUB_OR_PATH_KEYS:
+            if (root / value).exists() and not Path(value).is_absolute():
+                setattr(obj, key, absolute(value))
+            continue
+        setattr(obj, key, ",".join(absolute(p) for p in value.split(",")))
     return cfg
 
 
@@ -767,7 +813,8 @@ def _check_data(d: DataConfig, m: ModelConfig, require: Callable[[bool, str, str
         require(d.train_tgt is not None, "data.train_tgt", "is required when data.source is 'files'")
     require(d.vocab_size >= 1, "data.vocab_size", f"must be >= 1, got {d.vocab_size}")
     require(d.vocab_size <= m.vocab_size, "data.vocab_size",
-            f"tokenizer vocabulary ({d.vocab_size}) must fit model.vocab_size ({m.vocab_size})")
+            f"tokenizer vocabulary ({d.vocab_size}) must fit model.vocab_size ({m.vocab_size}); raise "
+            f"model.vocab_size to at least {d.vocab_size} or lower data.vocab_size")
     require(d.max_length >= 1, "data.max_length", f"must be >= 1, got {d.max_length}")
     require(d.max_tokens >= d.max_length, "data.max_tokens",
             f"must be >= data.max_length ({d.max_length}) so that one pair fits a batch, got {d.max_tokens}")
@@ -821,10 +868,13 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
                 f"got {p.zero_stage}")
         require(t.precision != "fp16", "train.precision",
                 "must be fp32 or bf16 with train.optimizer=adafactor (fp16 needs ZeRO-1/2), got fp16")
+    require(t.precision != "fp16" or p.zero_stage in (1, 2), "train.precision",
+            f"fp16 needs parallel.zero_stage 1 or 2 (the portable checkpoint reads fp32 master weights from the "
+            f"ZeRO optimizer), got zero_stage {p.zero_stage}")
 
 
 def _check_export(e: ExportConfig, require: Callable[[bool, str, str], None]) -> None:
-    require(re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?)?B", e.max_shard_size, re.IGNORECASE) is not None,
+    require(re.fullmatch(SIZE_PATTERN, e.max_shard_size, re.IGNORECASE) is not None,
             "export.max_shard_size", f"expected a size like '500MB' or '2GB', got '{e.max_shard_size}'")
 
 

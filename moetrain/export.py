@@ -45,6 +45,7 @@ from moetrain.hf_convert import (
 )
 from moetrain.models.export_layout import ExportLayout, split_encoder
 from moetrain.utils.atomic import atomic_dir
+from moetrain.utils.errors import UserError
 
 __all__ = ["ExportError", "export_to_hf", "export_checkpoint", "import_from_hf", "load_hf_state_dict",
            "verify_export"]
@@ -52,7 +53,7 @@ __all__ = ["ExportError", "export_to_hf", "export_checkpoint", "import_from_hf",
 HEADS_FILE, PROVENANCE_FILE = "moetrain_heads.safetensors", "moetrain_export.json"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """Bad input to export/import; the message names the file or setting that is wrong."""
 
 

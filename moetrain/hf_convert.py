@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from moetrain.models.switch import is_sparse_layer
+from moetrain.utils.errors import UserError
 
 __all__ = ["ConversionError", "MapEntry", "name_map", "to_hf", "from_hf", "hf_config_dict", "model_overrides_from_hf",
            "hf_num_sparse_layers", "hf_sparse_layers", "EXACT_ESTIMATORS", "APPROXIMATE_ESTIMATORS",
@@ -46,7 +47,7 @@ APPROXIMATE_ESTIMATORS = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A state dict or config does not fit the mapping; the message names what is wrong."""
 
 

@@ -18,6 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [C.ModelConfig, C.MoEConfig, C.DataConfig, C.TrainConfig, C.ParallelConfig, C.ExportConfig, RunConfig]
 
 
+#: The smallest recipe: an empty file is an error (issue 12).
+MINIMAL = "task: translation\n"
+
+
 def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -35,8 +39,15 @@ def load_error(path: Path, overrides=()) -> ConfigError:
 # --- defaults and precedence ------------------------------------------------------------
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    cfg = load_config(write(tmp_path, ""))
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_empty_or_comment_only_file_is_an_error(tmp_path, text):
+    # issue 12: an empty recipe used to run silently with every default
+    with pytest.raises(ConfigError, match="empty or holds only comments"):
+        load_config(write(tmp_path, text))
+
+
+def test_minimal_file_gives_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "task: translation\n"))
     assert cfg == RunConfig(name="recipe")  # name defaults to the file stem
     assert cfg.moe.num_experts == 8 and cfg.train.adam_betas == (0.9, 0.98)
     assert cfg.moe.capacity_factor == 1.25 and cfg.moe.eval_capacity_factor is None
@@ -141,7 +152,7 @@ def test_unknown_key_names_file_key_and_suggestion(tmp_path):
 
 
 def test_unknown_key_from_override_says_so(tmp_path):
-    message = str(load_error(write(tmp_path, ""), ["train.warmup_step=1"]))
+    message = str(load_error(write(tmp_path, MINIMAL), ["train.warmup_step=1"]))
     assert "unknown key 'train.warmup_step'" in message and "did you mean 'train.warmup_steps'?" in message
     assert "--set train.warmup_step=1" in message
 
@@ -175,7 +186,7 @@ def test_unknown_section(tmp_path):
     ("trainlr", "--set expects section.key=value"),
 ])
 def test_type_errors(tmp_path, override, fragment):
-    message = str(load_error(write(tmp_path, ""), [override]))
+    message = str(load_error(write(tmp_path, MINIMAL), [override]))
     assert fragment in message
 
 
@@ -212,7 +223,7 @@ def test_type_errors(tmp_path, override, fragment):
     (["export.max_shard_size=lots"], "export.max_shard_size: expected a size"),
 ])
 def test_impossible_values(tmp_path, overrides, fragment):
-    message = str(load_error(write(tmp_path, ""), overrides))
+    message = str(load_error(write(tmp_path, MINIMAL), overrides))
     assert fragment in message
 
 
@@ -226,11 +237,11 @@ def test_impossible_values(tmp_path, overrides, fragment):
     ["model.arch=encoder", "model.num_decoder_layers=0"],
 ])
 def test_possible_values_pass(tmp_path, overrides):
-    load_config(write(tmp_path, ""), overrides)
+    load_config(write(tmp_path, MINIMAL), overrides)
 
 
 def test_validation_error_names_the_override(tmp_path):
-    assert "(from --set moe.top_k=9)" in str(load_error(write(tmp_path, ""), ["moe.top_k=9"]))
+    assert "(from --set moe.top_k=9)" in str(load_error(write(tmp_path, MINIMAL), ["moe.top_k=9"]))
 
 
 def test_export_after_train_is_for_translation(tmp_path):

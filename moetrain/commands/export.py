@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from moetrain.utils.argtypes import size_text
+
 __all__ = ["add_export_arguments", "main_export", "export_and_report"]
 
 
@@ -21,7 +23,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                              "(uses checkpoints/latest)")
     parser.add_argument("--out", metavar="HF_DIR", default=None,
                         help="output directory (default: export.out_dir of the checkpoint's config)")
-    parser.add_argument("--max-shard-size", dest="max_shard_size", default=None, metavar="SIZE",
+    parser.add_argument("--max-shard-size", dest="max_shard_size", type=size_text, default=None, metavar="SIZE",
                         help="largest weight file, e.g. 500MB (default: export.max_shard_size)")
     parser.add_argument("--verify", action="store_true",
                         help="load the export with transformers and compare logits with moetrain's")

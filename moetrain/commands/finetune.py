@@ -13,7 +13,9 @@ __all__ = ["main_finetune"]
 def main_finetune(cfg, out_dir: Path, args: argparse.Namespace | None = None) -> int:
     """Refuse several processes (GLUE sets are small), then fine-tune every seed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("moetrain finetune runs in one process (GLUE sets are small); launch it without "
+        from moetrain.utils.errors import UserError
+
+        raise UserError("moetrain finetune runs in one process (GLUE sets are small); launch it without "
                            "deepspeed/torchrun")
     from moetrain.tasks.glue import finetune
 

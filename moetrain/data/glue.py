@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moetrain.utils.errors import UserError
+
 __all__ = ["GlueDataError", "GlueTaskSpec", "GLUE_TASKS", "load_glue", "load_glue_file", "load_glue_hub"]
 
 
-class GlueDataError(ValueError):
+class GlueDataError(UserError, ValueError):
     """A GLUE file or dataset that does not fit the task; the message names it."""
 
 
@@ -214,7 +216,16 @@ def load_glue_hub(spec: GlueTaskSpec, hub_name: str, split: str, cache_dir: str 
 
     local = Path(hub_name).is_dir()
     args = [hub_name] if local else [hub_name, spec.name]
-    ds = datasets.load_dataset(*args, split=split, cache_dir=cache_dir)
+    try:
+        ds = datasets.load_dataset(*args, split=split, cache_dir=cache_dir)
+    except (ConnectionError, OSError) as err:
+        if local:
+            raise
+        from moetrain.data.sources import hub_unreachable
+
+        raise hub_unreachable(err, "glue.hub_name", hub_name, spec.name,
+                              "glue.source: files with glue.train_file and glue.dev_file "
+                              "(configs/glue_rte.yaml does)") from err
     where = f"{hub_name} ({'' if local else spec.name + ', '}split {split})"
     texts, label = _column_map(ds.column_names, spec, where)
     rows = []

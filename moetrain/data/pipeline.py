@@ -39,6 +39,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from moetrain.utils.atomic import publish_modes
+
 from .sources import CleaningReport, clean_text_pairs, length_filter, load_split, source_fingerprint
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
@@ -259,6 +261,7 @@ def _interleave(src: list[str], tgt: list[str]):
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
     """Move a finished temporary directory into place (replacing an older one)."""
+    publish_modes(tmp)  # mkdtemp makes 0700
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moetrain.utils.errors import UserError
+
 from . import synthetic
 
 __all__ = ["DataError", "CleaningReport", "SPLITS", "HUB_SPLITS", "read_lines", "read_parallel_files", "read_parallel_file_lists", "expand_paths",
@@ -45,7 +47,7 @@ SPLITS = ("train", "valid", "test")
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The input data is malformed; the message names the file and (1-based) line."""
 
 
@@ -221,10 +223,17 @@ def load_hub_split(name: str, config: str | None, split: str, src_lang: str, tgt
     """
     import datasets
 
-    if data_files is not None:
-        ds = datasets.load_dataset(name, config, data_files={"data": data_files}, split="data", cache_dir=cache_dir)
-    else:
-        ds = datasets.load_dataset(name, config, split=HUB_SPLITS[split], cache_dir=cache_dir)
+    try:
+        if data_files is not None:
+            ds = datasets.load_dataset(name, config, data_files={"data": data_files}, split="data",
+                                       cache_dir=cache_dir)
+        else:
+            ds = datasets.load_dataset(name, config, split=HUB_SPLITS[split], cache_dir=cache_dir)
+    except (ConnectionError, OSError) as err:
+        if data_files is not None:
+            raise
+        raise hub_unreachable(err, "data.hub_name", name, config,
+                              "data.source: files with data.train_src/train_tgt (and valid/test)") from err
     if "translation" not in ds.column_names:
         raise DataError(f"{name}{'/' + config if config else ''} ({split}): expected a 'translation' column "
                         f"with '{src_lang}'/'{tgt_lang}' keys, found columns {ds.column_names}")
@@ -281,6 +290,40 @@ def load_split(data_cfg, split: str, seed: int = 1) -> tuple[list[str], list[str
     if source == "jsonl":
         return read_jsonl(src_path, data_cfg.src_lang, data_cfg.tgt_lang)
     raise ValueError(f"unknown data.source '{source}'")
+
+
+def local_data_roots() -> list[Path]:
+    """Where local copies of public data sets are looked for: ``../shared/data`` of the working
+    directory and of the repository (the shipped recipes point there)."""
+    roots = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"]
+    seen, out = set(), []
+    for root in roots:
+        if root.is_dir() and root.resolve() not in seen:
+            seen.add(root.resolve())
+            out.append(root)
+    return out
+
+
+def hub_unreachable(err: BaseException, key: str, name: str, config: str | None, use: str) -> DataError:
+    """A one-line error for a Hub dataset that could not be loaded (offline, unknown name), naming
+    local directories under ``../shared/data`` that hold the same data, if any."""
+    stem = name.rsplit("/", 1)[-1].lower().rstrip("0123456789") or name.lower()
+    words = {w for w in (stem, (config or "").lower()) if len(w) >= 3}
+    dirs = [d for root in local_data_roots() for d in sorted(root.iterdir()) if d.is_dir()]
+    exact = [d for d in dirs if config and len(config) >= 3 and config.lower() in d.name.lower()]
+    local = exact or [d for d in dirs if any(w in d.name.lower() for w in words)]
+    if local:
+        def show(d: Path) -> str:
+            rel = os.path.relpath(d)
+            return rel if rel.startswith("../shared/") or not rel.startswith("..") else str(d.resolve())
+
+        shown = ", ".join(show(d) for d in local)
+        hint = f"; local files of this data exist in {shown}: use {use}"
+    else:
+        hint = "; check the name, or the network (HF_HUB_OFFLINE=1 uses the local cache only)"
+    reason = " ".join(str(err).split())[:200]
+    label = f"{name}" + (f" ({config})" if config else "")
+    return DataError(f"{key}: cannot load the Hub dataset {label}: {type(err).__name__}: {reason}{hint}")
 
 
 def _synthetic_split(data_cfg, split: str, seed: int) -> tuple[list[str], list[str]]:

@@ -45,6 +45,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moetrain.utils.atomic import publish_modes
+from moetrain.utils.errors import UserError
+
 __all__ = [
     "TextDataError", "TextSource", "SPECIAL_TOKENS", "PAD", "SEP", "UNK", "CLS", "MASK", "expand_files",
     "check_text_file", "load_text", "clean_line", "iter_text", "synthetic_documents", "write_synthetic_corpus",
@@ -61,7 +64,7 @@ PACK_VERSION = 1
 _MASK_STREAM = 101
 
 
-class TextDataError(ValueError):
+class TextDataError(UserError, ValueError):
     """Unusable text input; the message names the file and what was expected."""
 
 
@@ -335,6 +338,7 @@ def _save_tokenizer(tok, out_dir: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         hf.save_pretrained(str(tmp))
+        publish_modes(tmp)  # mkdtemp makes 0700
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -84,8 +84,11 @@ class TranslationTask(Task):
         self.tokenizer = self.data.tokenizer
         self.tokenizer_dir = self.data.tokenizer_dir
         if len(self.tokenizer) > cfg.model.vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but model.vocab_size is "
-                             f"{cfg.model.vocab_size}; raise model.vocab_size or lower data.vocab_size")
+            from moetrain.data.sources import DataError
+
+            raise DataError(f"model.vocab_size: the tokenizer ({self.tokenizer_dir}) has {len(self.tokenizer)} tokens "
+                            f"but model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size to at least "
+                            f"{len(self.tokenizer)}" + ("" if cfg.data.tokenizer else " or lower data.vocab_size"))
 
     # -- Task protocol -----------------------------------------------------------------
 
@@ -233,16 +236,44 @@ class Translator:
 
     @torch.no_grad()
     def translate(self, sentences: Sequence[str], *, beam_size: int = 4, length_penalty: float = 0.6,
-                  max_length: int = 256, max_tokens: int = 4096, progress: bool = True) -> list[str]:
-        """Translations of ``sentences``, in order (batches of similar lengths, a tqdm bar)."""
+                  max_length: int = 256, max_tokens: int = 4096, progress: bool = True,
+                  max_source_length: int | None = None, warn=None) -> list[str]:
+        """Translations of ``sentences``, in order (batches of similar lengths, a tqdm bar).
+
+        A blank (or whitespace-only) line translates to an empty line, so the output has as many
+        lines as the input. Sources longer than ``max_source_length`` tokens (EOS included) are
+        cut to that length, and one warning (``warn``, default stderr) counts them: encoder
+        memory grows with the square of the length, and one 10k-word line once took 22 GB. A
+        batch holds at most ``max_tokens`` padded source tokens, so with the cap memory is
+        bounded by the budget whatever the input.
+        """
         from tqdm import tqdm
 
-        encoded = [self.tokenizer(s)["input_ids"] for s in sentences]
+        if max_source_length is not None and max_source_length > max_tokens:
+            raise ValueError(f"max_source_length ({max_source_length}) must not exceed max_tokens ({max_tokens})")
+        warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        keep = [i for i, s in enumerate(sentences) if s.strip()]
+        encoded = [self.tokenizer(sentences[i])["input_ids"] for i in keep]
+        truncated = 0
+        if max_source_length is not None:
+            eos = self.tokenizer.eos_token_id
+            for j, ids in enumerate(encoded):
+                if len(ids) > max_source_length:
+                    truncated += 1
+                    cut = ids[:max_source_length]
+                    if eos is not None and ids[-1] == eos:
+                        cut[-1] = eos  # keep the end-of-sentence marker the model was trained with
+                    encoded[j] = cut
+        if truncated:
+            warn(f"moetrain: warning: {truncated} of {len(sentences)} source lines were longer than "
+                 f"{max_source_length} tokens and were truncated to it (--max-source-length)")
+        out: list[str] = [""] * len(sentences)
+        if not encoded:
+            return out
         lengths = np.array([len(e) for e in encoded], dtype=np.int64)
         # The budget counts padded source tokens (target lengths are unknown: zeros).
         batcher = TokenBudgetBatcher(lengths, np.zeros_like(lengths), max_tokens, shuffle=False)
-        out: list[str] = [""] * len(sentences)
-        bar = tqdm(total=len(sentences), desc="translate", unit="sent", disable=not progress, file=sys.stderr)
+        bar = tqdm(total=len(encoded), desc="translate", unit="sent", disable=not progress, file=sys.stderr)
         for indices in batcher.epoch(0):
             if len(indices) == 0:
                 continue
@@ -257,7 +288,7 @@ class Translator:
                                                 max_length=max_length + 1)
             texts = self.tokenizer.batch_decode(generated.tolist(), skip_special_tokens=True)
             for i, text in zip(indices.tolist(), texts):
-                out[i] = text.strip()
+                out[keep[i]] = text.strip()
             bar.update(len(indices))
         bar.close()
         return out

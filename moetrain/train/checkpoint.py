@@ -35,6 +35,7 @@ from moetrain import checkpoint_format as fmt
 from moetrain.checkpoint_format import TrainerState, checkpoint_name, global_key, resolve_resume
 from moetrain.config import RunConfig, load_config
 from moetrain.utils.atomic import write_text_synced
+from moetrain.utils.errors import UserError
 
 from .distributed import DistInfo, barrier
 
@@ -47,7 +48,7 @@ ARCH_KEYS = ("model.arch", "model.vocab_size", "model.d_model", "model.d_kv", "m
              "model.tie_word_embeddings", "moe.num_experts", "moe.sparse_step")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """The checkpoint was written for another model; nothing was loaded or overwritten."""
 
 

@@ -35,6 +35,9 @@ from typing import Any
 
 import yaml
 
+from moetrain.utils.atomic import publish_modes
+from moetrain.utils.errors import UserError
+
 __all__ = [
     "ConfigError", "Context", "choices", "read_yaml_mapping", "parse_override", "set_dotted",
     "merge_into", "build_dataclass", "did_you_mean", "to_plain", "dump_yaml", "write_atomic",
@@ -42,7 +45,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override is invalid. ``str(err)`` is one line naming file and key."""
 
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
@@ -84,9 +87,16 @@ def read_yaml_mapping(path: Path, ctx: Context) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ctx.error(None, f"invalid YAML: {err}") from None
+        # One line: PyYAML's own message spans several (context, problem, a caret drawing).
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ctx.error(None, f"invalid YAML: {where}{problem}") from None
     if raw is None:
-        return {}
+        # An empty or comment-only file is almost always a mistake (wrong file, truncated copy);
+        # running every default silently would train something nobody asked for.
+        raise ctx.error(None, "the file is empty or holds only comments; a recipe needs at least one "
+                              "section (configs/tiny.yaml is the smallest runnable one)")
     if not isinstance(raw, dict):
         raise ctx.error(None, f"expected a mapping of sections at top level, got {_describe(raw)}")
     return raw
@@ -312,6 +322,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        publish_modes(tmp)  # mkstemp creates 0600; a plain open() would follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
