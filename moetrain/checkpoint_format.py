@@ -49,7 +49,8 @@ from moetrain.utils.atomic import atomic_dir, write_text_synced
 __all__ = ["ENGINE_DIR", "RNG_DIR", "PORTABLE", "CONFIG", "WEIGHTS", "OPTIMIZER", "TOKENIZER", "TRAINER_STATE",
            "CheckpointNotFound", "TrainerState", "PortableCheckpoint", "checkpoint_name", "list_checkpoints",
            "last_checkpoints", "publish", "prune", "remove_stale", "write_pointer", "expert_key", "global_key",
-           "EXPERT_KEY", "write_portable", "save_portable", "is_replaceable", "portable_dir", "resolve_portable",
+           "EXPERT_KEY", "write_portable", "save_portable", "is_replaceable", "enclosing_run_or_checkpoint",
+           "portable_dir", "resolve_portable",
            "resolve_resume", "read_portable", "read_optimizer", "read_averaged", "average_checkpoints"]
 
 ENGINE_DIR = "engine"  # also DeepSpeed's checkpoint tag
@@ -235,14 +236,45 @@ def write_portable(path: Path, weights: dict[str, torch.Tensor], cfg: RunConfig,
 
 
 def is_replaceable(path: Path) -> bool:
-    """Only a missing or empty directory, an HF export or a portable checkpoint may be replaced
-    by a new one (never a directory a user keeps something else in)."""
+    """Only a missing or empty directory or a stand-alone portable checkpoint (nothing but its own
+    files) may be replaced by :func:`save_portable`; never a directory a user keeps something else
+    in, and never a checkpoint's ``portable/`` inside a run."""
     if not path.exists():
         return True
-    if not path.is_dir():
+    if not path.is_dir() or enclosing_run_or_checkpoint(path.parent) is not None:
         return False
     names = {p.name for p in path.iterdir()}
-    return not names or "config.json" in names or {CONFIG, WEIGHTS} <= names
+    return not names or ({CONFIG, WEIGHTS} <= names and names <= {CONFIG, WEIGHTS, TOKENIZER, OPTIMIZER, TRAINER_STATE})
+
+
+def _is_run_dir(path: Path) -> bool:
+    """``config.yaml`` (written first by every run) with ``checkpoints/`` or ``metrics.jsonl``."""
+    return (path / CONFIG).is_file() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file())
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A step directory, a checkpoints root (``latest`` or step directories) or a portable directory."""
+    if _STEP.match(path.name) and ((path / TRAINER_STATE).is_file() or (path / PORTABLE).is_dir()):
+        return True
+    if (path / LATEST).is_file() or path.name == "checkpoints":
+        return any(_STEP.match(p.name) and p.is_dir() for p in path.glob("step_*"))
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def enclosing_run_or_checkpoint(path: str | os.PathLike) -> tuple[str, Path] | None:
+    """``("checkpoint", dir)`` when ``path`` is or lies inside a checkpoint (a step directory, a
+    ``checkpoints/`` root, a portable directory); ``("run directory", dir)`` when ``path`` is a run
+    directory or lies below one of its entries (a direct new child such as ``<run>/hf`` is not
+    "inside": that is where ``train`` exports to). None otherwise. Only existing directories count."""
+    path = Path(os.path.abspath(path))
+    for i, d in enumerate([path, *path.parents]):
+        if not d.is_dir():
+            continue
+        if _is_checkpoint(d):
+            return "checkpoint", d
+        if _is_run_dir(d) and i != 1:
+            return "run directory", d
+    return None
 
 
 def save_portable(model_state_dict: dict[str, torch.Tensor], cfg: RunConfig,

@@ -40,7 +40,7 @@ def export_after_training(cfg, run_dir: Path) -> dict[str, Any]:
 
     ckpt = read_portable(run_dir)
     out = Path(cfg.export.out_dir) if cfg.export.out_dir else run_dir / "hf"
-    gap = export_and_report(ckpt, out, verify=True)
+    gap = export_and_report(ckpt, out, verify=True, overwrite=True)  # the run's own export destination
     report: dict[str, Any] = {"hf_dir": str(out), "estimator": ckpt.cfg.moe.estimator, "max_logit_gap": gap}
     check = task_class(ckpt.cfg.task).check_export(ckpt, out)
     report.update(check.figures)
