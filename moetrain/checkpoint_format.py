@@ -37,7 +37,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -165,16 +165,25 @@ def publish(root: Path, tmp: Path, name: str, is_best: bool) -> None:
         write_pointer(root / BEST, name)
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, own: Collection[str] | None = None) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (0 = keep all); ``latest`` and
-    ``best`` always stay."""
+    ``best`` always stay.
+
+    ``own``: the step directories this run (this process) has written. With it, a checkpoint newer
+    than the first of them that this run did not write is never deleted: it belongs to an earlier
+    run in the same directory that went further (e.g. a run restarted from an earlier step).
+    """
     if keep_last <= 0:
         return
     protected = {(root / ref).read_text().strip() for ref in (LATEST, BEST) if (root / ref).exists()}
+    first = min((int(_STEP.match(n).group(1)) for n in own if _STEP.match(n)), default=None) if own else None
     complete = list_checkpoints(root)
     for path in complete[: max(len(complete) - keep_last, 0)]:
-        if path.name not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name in protected:
+            continue
+        if first is not None and path.name not in own and int(_STEP.match(path.name).group(1)) > first:
+            continue  # an earlier run's newer checkpoint: not this run's to delete
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

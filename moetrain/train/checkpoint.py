@@ -62,7 +62,8 @@ def topology(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
 
 
 def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, info: DistInfo, *,
-                    keep_last: int, is_best: bool = False, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                    keep_last: int, is_best: bool = False, tokenizer_dir: str | os.PathLike | None = None,
+                    own: set[str] | None = None) -> Path:
     """Write ``root/step_<state.step>`` atomically (every rank must call it).
 
     Args:
@@ -72,6 +73,8 @@ def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, inf
         keep_last: complete checkpoints to keep (0 = all); ``latest`` and ``best`` always stay.
         is_best: point ``best`` at this checkpoint.
         tokenizer_dir: copied into ``portable/tokenizer``.
+        own: names of the checkpoints this run saved so far (this one is added); pruning never
+            deletes a newer checkpoint this run did not write (:func:`~moetrain.checkpoint_format.prune`).
     """
     name = checkpoint_name(state.step)
     tmp = root / f".tmp-{name}"
@@ -91,7 +94,9 @@ def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, inf
 
     if info.is_main:
         fmt.publish(root, tmp, name, is_best)
-        fmt.prune(root, keep_last)
+        if own is not None:
+            own.add(name)
+        fmt.prune(root, keep_last, own)
     barrier()
     return root / name
 

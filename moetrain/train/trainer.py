@@ -82,7 +82,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
     clock = TrainingClock(state.train_seconds, t.max_minutes)
     batches = MicroBatches(run.task, run.info, state.data_position, engine.device, clock)
     window, flops = WindowStats(), flops_per_token(engine.module)
-    saved = None
+    saved, own = None, set()  # own: checkpoints this run wrote (pruning leaves newer ones of earlier runs alone)
     lr, grad_norm = engine.get_lr()[0], None
     engine.train()
     with _stop_on_sigterm(batches):
