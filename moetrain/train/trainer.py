@@ -152,7 +152,8 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
     layers = set(moe_layers(model))
     names = [name for name, m in model.named_modules() if m in layers]
     budget = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60 - state.train_seconds
-    logger = MetricsLogger(out_dir, info.is_main, cfg.train.max_steps, state.step, names, budget)
+    logger = MetricsLogger(out_dir, info.is_main, cfg.train.max_steps, state.step, names, budget,
+                           resumed=ckpt is not None)
     logger.message(f"moetrain: {info.world_size} rank(s), ep_size={cfg.parallel.ep_size}, "
                    f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.precision}, device {info.device}"
                    + (f"; resumed at step {state.step} from {ckpt}" if ckpt else ""))
