@@ -37,7 +37,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, ClassVar, Collection, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -80,6 +80,8 @@ class TrainerState:
         metric / higher_is_better: the evaluation key that ranks checkpoints.
         topology: world_size, ep_size, zero_stage, precision the checkpoint was written with.
         train_seconds: wall-clock seconds trained so far, over all resumed runs (train.max_minutes).
+        stopped_by: set by the training loop when a signal ended the run early (``"SIGTERM"``);
+            a fact about this process, never written to ``trainer_state.json``.
     """
 
     step: int = 0
@@ -90,6 +92,8 @@ class TrainerState:
     higher_is_better: bool = False
     topology: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
+    #: Not a field (never saved): set on the returned state when a signal ended the run early.
+    stopped_by: ClassVar[str | None] = None
 
     def improves(self, value: float) -> bool:
         if self.best_metric is None:

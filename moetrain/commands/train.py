@@ -1,5 +1,8 @@
 """``moetrain train CONFIG``: train, then (``export.after_train``) export the last checkpoint.
 
+Exit codes: 0 finished, 2 a user error (one line on stderr), 143 stopped by SIGTERM (checkpoint
+saved, not exported; ``--set train.resume=latest`` continues).
+
 The export after training is the same as ``moetrain export RUN --verify`` plus the task's own
 check of the result (:meth:`moetrain.tasks.base.Task.check_export`), written to
 ``<hf dir>/moetrain_export_check.json``.
@@ -12,16 +15,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main_train", "export_after_training"]
+__all__ = ["main_train", "export_after_training", "EXIT_STOPPED"]
+
+#: Exit code of a run stopped by SIGTERM before ``train.max_steps`` (128 + 15, what a shell reports
+#: for a process killed by SIGTERM): a checkpoint was saved and ``train.resume=latest`` continues it,
+#: but the run is not finished and nothing was exported.
+EXIT_STOPPED = 143
 
 
 def main_train(cfg, out_dir: Path, args: argparse.Namespace | None = None) -> int:
-    """Train; on rank 0, export the result when ``export.after_train`` is set."""
+    """Train; on rank 0, export the result when ``export.after_train`` is set.
+
+    Returns 0 for a finished run, :data:`EXIT_STOPPED` (143) for one stopped by SIGTERM.
+    """
     import torch.distributed as dist
 
     from moetrain.train.trainer import train
 
-    train(cfg, out_dir)
+    state = train(cfg, out_dir)
+    if state.stopped_by is not None:
+        return EXIT_STOPPED
     if cfg.export.after_train and (not dist.is_initialized() or dist.get_rank() == 0):
         export_after_training(cfg, out_dir)
     return 0
