@@ -43,11 +43,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moetrain import __version__
-from moetrain.config import RunConfig, load_config, save_config
+from moetrain.config import ConfigError, RunConfig, load_config, save_config
 from moetrain.utils.atomic import atomic_dir, write_text_synced
 
 __all__ = ["ENGINE_DIR", "RNG_DIR", "PORTABLE", "CONFIG", "WEIGHTS", "OPTIMIZER", "TOKENIZER", "TRAINER_STATE",
-           "CheckpointNotFound", "TrainerState", "PortableCheckpoint", "checkpoint_name", "list_checkpoints",
+           "CheckpointNotFound", "CheckpointError", "checkpoint_step", "file_error", "load_weights", "load_tensors",
+           "read_config", "TrainerState", "PortableCheckpoint", "checkpoint_name", "list_checkpoints",
            "last_checkpoints", "publish", "prune", "remove_stale", "write_pointer", "expert_key", "global_key",
            "EXPERT_KEY", "write_portable", "save_portable", "is_replaceable", "enclosing_run_or_checkpoint",
            "portable_dir", "resolve_portable",
@@ -67,6 +68,81 @@ _STEP = re.compile(r"^step_(\d+)$")
 
 class CheckpointNotFound(FileNotFoundError):
     """The path names no checkpoint; the message says what was expected there."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be used: truncated, corrupt, or holding pickled objects that
+    could run code. One line naming the file and the checkpoint's step; like a bad setting, the
+    CLI prints it as is and exits with 2."""
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of the checkpoint ``path`` belongs to: from a ``step_N`` directory on the way up,
+    else from the ``trainer_state.json`` beside it (None when neither says)."""
+    path = Path(path)
+    for d in (path, *path.parents):
+        match = _STEP.match(d.name)
+        if match:
+            return int(match.group(1))
+    for d in (path, path.parent):
+        try:
+            return int(json.loads((d / TRAINER_STATE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _unsafe_global(err: BaseException) -> str | None:
+    """The global a ``weights_only`` load refused (``posix.system``), if that is why it failed."""
+    match = re.search(r"(?:Unsupported global|GLOBAL)[:\s]+(?:GLOBAL\s+)?([\w.]+)", str(err))
+    return match.group(1) if "Weights only load failed" in str(err) and match else None
+
+
+def file_error(path: str | os.PathLike, err: BaseException, hint: str = "") -> CheckpointError:
+    """The one-line error for an unusable checkpoint file: unsafe pickle, or truncated/corrupt."""
+    path = Path(path)
+    step = checkpoint_step(path)
+    where = f"{path} (checkpoint step {step})" if step is not None else str(path)
+    unsafe = _unsafe_global(err)
+    if unsafe is not None or "Weights only load failed" in str(err):
+        what = (f"holds pickled Python objects ({unsafe or 'not tensors or plain containers'}) that would run code "
+                f"when loaded; moetrain loads checkpoint files with torch.load(weights_only=True) and refuses it "
+                f"(nothing was run): use a checkpoint you made or trust")
+    elif not path.exists():
+        what = "is missing"
+    else:
+        size = path.stat().st_size if path.is_file() else None
+        reason = " ".join(str(err).split()).split(". ")[0][:160] or type(err).__name__
+        what = (f"is {'empty (0 bytes)' if size == 0 else 'truncated or corrupt'}"
+                f"{f' ({size} bytes)' if size else ''}: {reason}")
+    return CheckpointError(f"{where} {what}{hint}")
+
+
+def load_weights(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
+    """``load_file`` of a safetensors file; a truncated or corrupt one is a :class:`CheckpointError`."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: the same user error
+        raise file_error(path, err, hint) from None
+
+
+def load_tensors(path: str | os.PathLike, hint: str = "", map_location=None) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
+    Truncated, corrupt or unsafe files are a :class:`CheckpointError` naming the file and step."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise file_error(path, err, hint) from None
+
+
+def read_config(path: str | os.PathLike) -> RunConfig:
+    """A checkpoint's ``config.yaml`` (an empty one is truncated, not "all defaults")."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise file_error(path, ValueError("no settings in it"))
+    return load_config(path)
 
 
 @dataclass
@@ -103,7 +179,10 @@ class TrainerState:
     @classmethod
     def from_json(cls, path: Path) -> "TrainerState":
         """Read ``trainer_state.json``; keys written by a newer version are ignored."""
-        raw = json.loads(Path(path).read_text())
+        try:
+            raw = json.loads(Path(path).read_text())
+        except ValueError as err:  # truncated or corrupt
+            raise file_error(path, err) from None
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
     def to_json(self) -> str:
@@ -405,7 +484,7 @@ def read_portable(path: str | os.PathLike) -> PortableCheckpoint:
     """
     portable = resolve_portable(path)
     state_file = portable / TRAINER_STATE
-    return PortableCheckpoint(portable, load_config(portable / CONFIG), load_file(str(portable / WEIGHTS)),
+    return PortableCheckpoint(portable, read_config(portable / CONFIG), load_weights(portable / WEIGHTS),
                               TrainerState.from_json(state_file) if state_file.is_file() else None)
 
 
@@ -415,7 +494,7 @@ def read_optimizer(portable: Path) -> dict:
     ``adam_step`` keeps its first name so that checkpoints written before Adafactor existed
     read the same; it is the optimizer's step count whichever optimizer wrote it.
     """
-    return torch.load(portable / OPTIMIZER, weights_only=True)
+    return load_tensors(portable / OPTIMIZER)
 
 
 def read_averaged(paths: Sequence[str | os.PathLike]) -> PortableCheckpoint:
