@@ -7,8 +7,9 @@ Three directory formats meet here:
   ``model.safetensors`` (fp32 state dict of the ``ep_size=1`` model, experts under their global
   ids) and ``tokenizer/`` (a ``PreTrainedTokenizerFast`` directory).
 * **HF** (written by :func:`export_to_hf`): ``config.json``, ``model.safetensors`` (sharded
-  above ``max_shard_size``), ``generation_config.json``, tokenizer files and
-  ``moetrain_export.json`` (provenance, parity notes). It loads with
+  above ``max_shard_size``), ``generation_config.json``, tokenizer files,
+  ``moetrain_export.json`` (provenance, parity notes) and ``.moetrain-export.json`` (the files
+  written: only such a directory is ever replaced, see :func:`check_export_target`). It loads with
   ``SwitchTransformersForConditionalGeneration.from_pretrained`` (or
   ``SwitchTransformersEncoderModel`` for encoder-only models, whose task heads go to
   ``moetrain_heads.safetensors``) without missing or unexpected weights.
