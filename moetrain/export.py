@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -48,12 +49,16 @@ from moetrain.models.export_layout import ExportLayout, split_encoder
 from moetrain.utils.atomic import atomic_dir
 
 __all__ = ["ExportError", "export_to_hf", "export_checkpoint", "import_from_hf", "load_hf_state_dict",
-           "verify_export", "check_export_target", "MARKER_FILE"]
+           "verify_export", "check_export_target", "record_export_file", "MARKER_FILE"]
 
 HEADS_FILE, PROVENANCE_FILE = "moetrain_heads.safetensors", "moetrain_export.json"
 #: Written last into every export: the files export wrote. Only a directory holding it, and
 #: nothing else than the files it lists, is ever replaced (and only with ``overwrite``).
 MARKER_FILE = ".moetrain-export.json"
+#: What exports written before the marker existed hold (recognised by ``moetrain_export.json``).
+_LEGACY_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", PROVENANCE_FILE,
+                 HEADS_FILE, "moetrain_export_check.json"}
 
 
 class ExportError(ValueError):
@@ -86,15 +91,18 @@ def check_export_target(out_dir: str | os.PathLike, *, overwrite: bool = False) 
     if not names:
         return
     marker = out / MARKER_FILE
-    if not marker.is_file():
+    if not marker.is_file() and (out / PROVENANCE_FILE).is_file():
+        written = {n for n in names if n in _LEGACY_FILES or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)}
+    elif not marker.is_file():
         raise ExportError(f"output directory {out} exists and is not an earlier export of moetrain (no {MARKER_FILE}; "
                           f"it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); nothing was changed: "
                           f"choose another output directory")
-    try:
-        written = set(json.loads(marker.read_text())["files"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ExportError(f"output directory {out}: unreadable {MARKER_FILE} ({err}); nothing was changed: "
-                          f"choose another output directory") from None
+    else:
+        try:
+            written = set(json.loads(marker.read_text())["files"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ExportError(f"output directory {out}: unreadable {MARKER_FILE} ({err}); nothing was changed: "
+                              f"choose another output directory") from None
     allowed = written | {MARKER_FILE} | {parent.as_posix() for f in written for parent in Path(f).parents} - {"."}
     extra = [n for n in names if n not in allowed]
     if extra:
@@ -104,6 +112,15 @@ def check_export_target(out_dir: str | os.PathLike, *, overwrite: bool = False) 
     if not overwrite:
         raise ExportError(f"output directory {out} holds an earlier moetrain export; nothing was changed: pass "
                           f"--overwrite to replace it, or choose another output directory")
+
+
+def record_export_file(out_dir: str | os.PathLike, name: str) -> None:
+    """Add ``name``, written into an export after the fact (``train``'s check report), to the files
+    :data:`MARKER_FILE` lists, so that the next export may replace the directory."""
+    marker = Path(out_dir) / MARKER_FILE
+    record = json.loads(marker.read_text())
+    record["files"] = sorted(set(record["files"]) | {name})
+    marker.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _write_marker(tmp: Path) -> None:

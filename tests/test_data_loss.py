@@ -121,6 +121,28 @@ def test_export_replaces_its_own_export_only_with_overwrite(tmp_path, fixture_ru
     assert (out / "README.md").read_text() == "my model card"
 
 
+def test_export_check_report_and_exports_made_before_the_marker_stay_replaceable(tmp_path, fixture_run, capsys):
+    """`train` adds moetrain_export_check.json to its export (recorded in the marker), and an export
+    written before the marker existed (moetrain_export.json, known names only) is still replaced
+    with --overwrite, so a resumed run with export.after_train can export again."""
+    pytest.importorskip("transformers")
+    from moetrain.export import MARKER_FILE, record_export_file
+
+    out = tmp_path / "hf"
+    assert export(capsys, str(fixture_run), "--out", str(out))[0] == 0
+    (out / "moetrain_export_check.json").write_text("{}")
+    record_export_file(out, "moetrain_export_check.json")
+    assert export(capsys, str(fixture_run), "--out", str(out), "--overwrite")[0] == 0
+    (out / MARKER_FILE).unlink()  # as an older moetrain wrote it
+    (out / "moetrain_export_check.json").write_text("{}")
+    assert export(capsys, str(fixture_run), "--out", str(out), "--overwrite")[0] == 0
+    assert (out / MARKER_FILE).is_file()
+    (out / MARKER_FILE).unlink()
+    (out / "notes.txt").write_text("mine")
+    code, err = export(capsys, str(fixture_run), "--out", str(out), "--overwrite")
+    assert code == 2 and "notes.txt" in err and (out / "notes.txt").read_text() == "mine"
+
+
 # -- 2. a restart into a run directory never overwrites the earlier run ------------------------------
 
 

@@ -36,7 +36,15 @@ def main_train(cfg, out_dir: Path, args: argparse.Namespace | None = None) -> in
     if state.stopped_by is not None:
         return EXIT_STOPPED
     if cfg.export.after_train and (not dist.is_initialized() or dist.get_rank() == 0):
-        export_after_training(cfg, out_dir)
+        from moetrain.config import ConfigError
+        from moetrain.export import ExportError
+        from moetrain.hf_convert import ConversionError
+
+        try:
+            export_after_training(cfg, out_dir)
+        except (ExportError, ConversionError) as err:  # the run is complete; say so in the one line
+            raise ConfigError(f"training finished (checkpoints in {out_dir / 'checkpoints'}), but the export after "
+                              f"training failed: {err}") from None
     return 0
 
 
@@ -47,6 +55,7 @@ def export_after_training(cfg, run_dir: Path) -> dict[str, Any]:
     largest logit gap on a random batch, then whatever the task checks.
     """
     from moetrain.checkpoint_format import read_portable
+    from moetrain.export import record_export_file
     from moetrain.tasks import task_class
 
     from .export import export_and_report
@@ -58,6 +67,7 @@ def export_after_training(cfg, run_dir: Path) -> dict[str, Any]:
     check = task_class(ckpt.cfg.task).check_export(ckpt, out)
     report.update(check.figures)
     (out / "moetrain_export_check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    record_export_file(out, "moetrain_export_check.json")
     print(f"moetrain: HF export {out}: max |logit gap| {gap:.2g}{check.summary}")
     if check.usage:
         print(check.usage)
