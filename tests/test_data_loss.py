@@ -319,3 +319,27 @@ def test_lock_of_another_host_is_refused_and_released_lock_is_free(tmp_path, mon
     with RunLock(tmp_path):  # an emptied lock is free
         with pytest.raises(RunDirLocked, match=f"in use by another moetrain process \\(pid {os.getpid()}"):
             RunLock(tmp_path).acquire()  # a second holder, even in the same process
+
+
+def test_lock_without_flock_support_relies_on_the_recorded_holder(tmp_path, monkeypatch):
+    """Some cluster file systems refuse flock (ENOSYS/ENOLCK): a live pid on this host still holds
+    the directory, a dead one is taken over."""
+    import errno
+
+    from moetrain.utils import runlock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"pid": sleeper.pid, "host": socket.gethostname(), "since": "2026-12-01T10:00:00+00:00"}
+        (tmp_path / runlock.LOCK_FILE).write_text(json.dumps(holder))
+        with pytest.raises(runlock.RunDirLocked, match=f"in use by another moetrain process \\(pid {sleeper.pid}"):
+            runlock.RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with runlock.RunLock(tmp_path):  # that pid is gone now
+        assert json.loads((tmp_path / runlock.LOCK_FILE).read_text())["pid"] == os.getpid()

@@ -8,7 +8,8 @@ A non-empty lock file that nobody holds was left by a process that died (``kill 
 crash). It is taken over, with a warning, when the holder is provably gone: it ran on this host
 (where ``flock`` is authoritative and its pid is no longer alive), or it was this same SLURM job
 (a requeue). A holder on another host that nobody can check is refused: the message names the
-file to delete if that run is really gone.
+file to delete if that run is really gone. On a file system without ``flock`` (some Lustre or NFS
+mounts) the recorded holder alone decides: a live pid on this host still holds the directory.
 """
 
 from __future__ import annotations
@@ -55,18 +56,23 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK_FILE
         self.fd: int | None = None
+        self.flocked = True  # False on a file system without flock: the recorded holder decides
 
     def acquire(self) -> "RunLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.flocked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise RunDirLocked(f"{self.path.parent} is in use by another moetrain process "
-                               f"({_describe(self._read())}); wait for it to finish or stop it, or use another "
-                               f"--output-dir") from None
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise RunDirLocked(f"{self.path.parent} is in use by another moetrain process "
+                                   f"({_describe(self._read())}); wait for it to finish or stop it, or use another "
+                                   f"--output-dir") from None
+            # A file system without flock (some Lustre/NFS mounts): the recorded holder decides.
+            self.flocked = False
+            print(f"moetrain: warning: {self.path.parent} does not support file locks ({err.strerror}); "
+                  f"relying on the pid and host recorded in {self.path.name}", file=sys.stderr, flush=True)
         previous = self._read(fd)
         if previous:
             self._check_stale(previous, fd)
@@ -80,16 +86,21 @@ class RunLock:
         return self
 
     def _check_stale(self, holder: dict, fd: int) -> None:
-        """Nobody holds the lock but a holder is recorded: take over only when it is provably gone."""
+        """A holder is recorded but (with flock) nobody holds the lock: take over only when that
+        holder is provably gone. Without flock a live pid on this host still holds it."""
         here = holder.get("host") == socket.gethostname()
         same_job = bool(holder.get("slurm_job_id")) and holder.get("slurm_job_id") == os.environ.get("SLURM_JOB_ID")
-        if not (here or same_job):
+        pid = holder.get("pid")
+        alive = here and isinstance(pid, int) and _pid_alive(pid)
+        if (here and alive and not self.flocked and not same_job) or not (here or same_job):
             os.close(fd)
+            if here:
+                raise RunDirLocked(f"{self.path.parent} is in use by another moetrain process ({_describe(holder)}); "
+                                   f"wait for it to finish or stop it, or use another --output-dir")
             raise RunDirLocked(f"{self.path.parent} was locked by {_describe(holder)}, which this host cannot "
                                f"check; if that run is gone, delete {self.path} and start again")
-        pid = holder.get("pid")
         why = ("the same SLURM job, requeued" if same_job and not here else
-               "its pid is no longer alive" if not (isinstance(pid, int) and _pid_alive(pid)) else
+               "its pid is no longer alive" if not alive else
                "it no longer holds the lock; the pid was reused")  # flock is authoritative on one host
         print(f"moetrain: warning: taking over the stale lock {self.path} of {_describe(holder)} ({why})",
               file=sys.stderr, flush=True)
@@ -110,7 +121,8 @@ class RunLock:
         try:
             os.ftruncate(self.fd, 0)  # emptied, not removed: removing would race with a new holder
         finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            if self.flocked:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 
