@@ -310,7 +310,8 @@ def test_lock_of_another_host_is_refused_and_released_lock_is_free(tmp_path, mon
     holder = {"pid": 4242, "host": "elsewhere-node-17", "since": "2026-12-01T10:00:00+00:00", "slurm_job_id": "77"}
     (tmp_path / LOCK_FILE).write_text(json.dumps(holder))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with pytest.raises(RunDirLocked, match=r"pid 4242 on host elsewhere-node-17 since 2026-12-01.*delete .*\.moetrain\.lock"):
+    with pytest.raises(RunDirLocked,
+                       match=r"pid 4242 on host elsewhere-node-17 since 2026-12-01.*delete .*\.moetrain\.lock"):
         RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     with RunLock(tmp_path):
