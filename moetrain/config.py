@@ -345,11 +345,6 @@ class TrainConfig:
     resume: str | None = None
     """Checkpoint directory to resume from (same topology), or ``latest`` in the run dir."""
 
-    resume_fallback_portable: bool = False
-    """When an exact resume finds DeepSpeed's engine files of the step unusable (truncated, empty,
-    missing, or holding pickled code), continue from the same step's portable copy instead (with a
-    warning; RNG states are not restored). False: stop with one line that offers it."""
-
 
 @dataclass
 class ParallelConfig:

@@ -316,61 +316,40 @@ def load_checkpoint(engine, path: Path, cfg: RunConfig, info: DistInfo) -> tuple
                                  f"(nothing was loaded or overwritten); resume with "
                                  f"--set train.optimizer={saved_cfg.train.optimizer}")
     if exact:
-        try:
-            _load_exact(engine, path, portable, state.step, info)
-        except fmt.CheckpointError as err:
-            if not (cfg.train.resume_fallback_portable and _portable_usable(portable)):
-                raise
-            if info.is_main:
-                print(f"moetrain: warning: {str(err).split('; the portable copy')[0]}; continuing from the portable "
-                      f"copy of the same step ({portable}) as train.resume_fallback_portable asks", flush=True)
-            exact = False
-    if not exact:
+        hint = lambda: _portable_hint(portable)  # noqa: E731
+        if not any((path / fmt.ENGINE_DIR).glob("mp_rank_*_model_states.pt")):  # DeepSpeed would only assert
+            raise fmt.CheckpointError(f"{path / fmt.ENGINE_DIR} (checkpoint step {state.step}): DeepSpeed's model "
+                                      f"states file (mp_rank_00_model_states.pt) is missing{hint()}")
+        with safe_engine_loads(engine, hint):
+            loaded, _ = engine.load_checkpoint(str(path), tag=fmt.ENGINE_DIR, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        if loaded is None:
+            raise fmt.CheckpointError(f"{path / fmt.ENGINE_DIR} (checkpoint step {state.step}): DeepSpeed found no "
+                                      f"engine checkpoint in it{hint()}")
+        rng = path / fmt.RNG_DIR / f"rank_{info.rank:05d}.pt"
+        if rng.exists():
+            try:
+                _load_rng(rng)
+            except fmt.CheckpointError as err:
+                raise fmt.CheckpointError(f"{err}{hint()}") from None
+    else:
         restore_portable(engine, portable)
     state.topology = topology(cfg, info)
     return state, exact
 
 
-def _load_exact(engine, path: Path, portable: Path, step: int, info: DistInfo) -> None:
-    """DeepSpeed's files and this rank's RNG; any unusable file is a CheckpointError that names it
-    and offers the portable copy of the same step when that is intact."""
-    hint = lambda: _portable_hint(portable)  # noqa: E731 - only computed for an error
-    if not any((path / fmt.ENGINE_DIR).glob("mp_rank_*_model_states.pt")):  # DeepSpeed would only assert
-        raise fmt.CheckpointError(f"{path / fmt.ENGINE_DIR} (checkpoint step {step}): DeepSpeed's model "
-                                  f"states file (mp_rank_00_model_states.pt) is missing{hint()}")
-    with safe_engine_loads(engine, hint):
-        loaded, _ = engine.load_checkpoint(str(path), tag=fmt.ENGINE_DIR, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
-    if loaded is None:
-        raise fmt.CheckpointError(f"{path / fmt.ENGINE_DIR} (checkpoint step {step}): DeepSpeed found no "
-                                  f"engine checkpoint in it{hint()}")
-    rng = path / fmt.RNG_DIR / f"rank_{info.rank:05d}.pt"
-    if rng.exists():
-        try:
-            _load_rng(rng)
-        except fmt.CheckpointError as err:
-            raise fmt.CheckpointError(f"{err}{hint()}") from None
-
-
-def _portable_usable(portable: Path) -> bool:
+def _portable_hint(portable: Path) -> str:
+    """What to do when an engine file of this step cannot be used: its portable copy, if intact."""
     try:
         from safetensors import safe_open
 
         with safe_open(str(portable / fmt.WEIGHTS), framework="pt") as f:
             f.keys()
         fmt.read_optimizer(portable)
-        TrainerState.from_json(portable / fmt.TRAINER_STATE)
-    except Exception:  # noqa: BLE001 - any failure: the portable copy cannot be used
-        return False
-    return True
-
-
-def _portable_hint(portable: Path) -> str:
-    """What to do when an engine file of this step cannot be used: its portable copy, if intact."""
-    if not _portable_usable(portable):
+    except Exception:  # noqa: BLE001 - any failure: the portable copy cannot be offered
         return "; the portable copy of this step is unusable too: resume from an earlier checkpoint"
-    return (f"; the portable copy of the same step is intact: resume from it with --set train.resume={portable} "
-            f"or --set train.resume_fallback_portable=true (nothing was changed)")
+    return (f"; the portable copy of the same step is intact: resume from it with "
+            f"--set train.resume={portable} (nothing was changed)")
 
 
 def check_compatible(saved: RunConfig, cfg: RunConfig, weights_file: Path, model: nn.Module, *,
