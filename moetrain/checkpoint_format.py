@@ -37,20 +37,22 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Collection, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from moetrain import __version__
-from moetrain.config import RunConfig, load_config, save_config
+from moetrain.config import ConfigError, RunConfig, load_config, save_config
 from moetrain.utils.atomic import atomic_dir, publish_modes, write_text_synced
 from moetrain.utils.errors import UserError
 
 __all__ = ["ENGINE_DIR", "RNG_DIR", "PORTABLE", "CONFIG", "WEIGHTS", "OPTIMIZER", "TOKENIZER", "TRAINER_STATE",
-           "CheckpointNotFound", "TrainerState", "PortableCheckpoint", "checkpoint_name", "list_checkpoints",
+           "CheckpointNotFound", "CheckpointError", "checkpoint_step", "file_error", "load_weights", "load_tensors",
+           "read_config", "TrainerState", "PortableCheckpoint", "checkpoint_name", "list_checkpoints",
            "last_checkpoints", "publish", "prune", "remove_stale", "write_pointer", "expert_key", "global_key",
-           "EXPERT_KEY", "write_portable", "save_portable", "is_replaceable", "portable_dir", "resolve_portable",
+           "EXPERT_KEY", "write_portable", "save_portable", "is_replaceable", "enclosing_run_or_checkpoint",
+           "portable_dir", "resolve_portable",
            "resolve_resume", "read_portable", "read_optimizer", "read_averaged", "average_checkpoints"]
 
 ENGINE_DIR = "engine"  # also DeepSpeed's checkpoint tag
@@ -65,12 +67,84 @@ EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.deepspeed_moe\.experts\.deepspeed_expe
 _STEP = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint request that cannot be met (e.g. more checkpoints to average than exist)."""
-
-
 class CheckpointNotFound(UserError, FileNotFoundError):
     """The path names no checkpoint; the message says what was expected there."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: a file truncated, corrupt, or holding pickled objects that
+    could run code (one line naming the file and the checkpoint's step), or a request it cannot
+    meet (more checkpoints to average than exist). Like a bad setting, the CLI prints it as is and
+    exits with 2."""
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of the checkpoint ``path`` belongs to: from a ``step_N`` directory on the way up,
+    else from the ``trainer_state.json`` beside it (None when neither says)."""
+    path = Path(path)
+    for d in (path, *path.parents):
+        match = _STEP.match(d.name)
+        if match:
+            return int(match.group(1))
+    for d in (path, path.parent):
+        try:
+            return int(json.loads((d / TRAINER_STATE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _unsafe_global(err: BaseException) -> str | None:
+    """The global a ``weights_only`` load refused (``posix.system``), if that is why it failed."""
+    match = re.search(r"(?:Unsupported global|GLOBAL)[:\s]+(?:GLOBAL\s+)?([\w.]+)", str(err))
+    return match.group(1) if "Weights only load failed" in str(err) and match else None
+
+
+def file_error(path: str | os.PathLike, err: BaseException, hint: str = "") -> CheckpointError:
+    """The one-line error for an unusable checkpoint file: unsafe pickle, or truncated/corrupt."""
+    path = Path(path)
+    step = checkpoint_step(path)
+    where = f"{path} (checkpoint step {step})" if step is not None else str(path)
+    unsafe = _unsafe_global(err)
+    if unsafe is not None or "Weights only load failed" in str(err):
+        what = (f"holds pickled Python objects ({unsafe or 'not tensors or plain containers'}) that would run code "
+                f"when loaded; moetrain loads checkpoint files with torch.load(weights_only=True) and refuses it "
+                f"(nothing was run): use a checkpoint you made or trust")
+    elif not path.exists():
+        what = "is missing"
+    else:
+        size = path.stat().st_size if path.is_file() else None
+        reason = " ".join(str(err).split()).split(". ")[0][:160] or type(err).__name__
+        what = (f"is {'empty (0 bytes)' if size == 0 else 'truncated or corrupt'}"
+                f"{f' ({size} bytes)' if size else ''}: {reason}")
+    return CheckpointError(f"{where} {what}{hint}")
+
+
+def load_weights(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
+    """``load_file`` of a safetensors file; a truncated or corrupt one is a :class:`CheckpointError`."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: the same user error
+        raise file_error(path, err, hint) from None
+
+
+def load_tensors(path: str | os.PathLike, hint: str = "", map_location=None) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
+    Truncated, corrupt or unsafe files are a :class:`CheckpointError` naming the file and step."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise file_error(path, err, hint) from None
+
+
+def read_config(path: str | os.PathLike) -> RunConfig:
+    """A checkpoint's ``config.yaml`` (an empty one is truncated, not "all defaults")."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise file_error(path, ValueError("no settings in it"))
+    return load_config(path)
 
 
 @dataclass
@@ -84,6 +158,8 @@ class TrainerState:
         metric / higher_is_better: the evaluation key that ranks checkpoints.
         topology: world_size, ep_size, zero_stage, precision the checkpoint was written with.
         train_seconds: wall-clock seconds trained so far, over all resumed runs (train.max_minutes).
+        stopped_by: set by the training loop when a signal ended the run early (``"SIGTERM"``);
+            a fact about this process, never written to ``trainer_state.json``.
     """
 
     step: int = 0
@@ -94,6 +170,8 @@ class TrainerState:
     higher_is_better: bool = False
     topology: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
+    #: Not a field (never saved): set on the returned state when a signal ended the run early.
+    stopped_by: ClassVar[str | None] = None
 
     def improves(self, value: float) -> bool:
         if self.best_metric is None:
@@ -103,7 +181,10 @@ class TrainerState:
     @classmethod
     def from_json(cls, path: Path) -> "TrainerState":
         """Read ``trainer_state.json``; keys written by a newer version are ignored."""
-        raw = json.loads(Path(path).read_text())
+        try:
+            raw = json.loads(Path(path).read_text())
+        except ValueError as err:  # truncated or corrupt
+            raise file_error(path, err) from None
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
     def to_json(self) -> str:
@@ -171,16 +252,25 @@ def publish(root: Path, tmp: Path, name: str, is_best: bool) -> None:
         write_pointer(root / BEST, name)
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, own: Collection[str] | None = None) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (0 = keep all); ``latest`` and
-    ``best`` always stay."""
+    ``best`` always stay.
+
+    ``own``: the step directories this run (this process) has written. With it, a checkpoint newer
+    than the first of them that this run did not write is never deleted: it belongs to an earlier
+    run in the same directory that went further (e.g. a run restarted from an earlier step).
+    """
     if keep_last <= 0:
         return
     protected = {(root / ref).read_text().strip() for ref in (LATEST, BEST) if (root / ref).exists()}
+    first = min((int(_STEP.match(n).group(1)) for n in own if _STEP.match(n)), default=None) if own else None
     complete = list_checkpoints(root)
     for path in complete[: max(len(complete) - keep_last, 0)]:
-        if path.name not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name in protected:
+            continue
+        if first is not None and path.name not in own and int(_STEP.match(path.name).group(1)) > first:
+            continue  # an earlier run's newer checkpoint: not this run's to delete
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,14 +332,45 @@ def write_portable(path: Path, weights: dict[str, torch.Tensor], cfg: RunConfig,
 
 
 def is_replaceable(path: Path) -> bool:
-    """Only a missing or empty directory, an HF export or a portable checkpoint may be replaced
-    by a new one (never a directory a user keeps something else in)."""
+    """Only a missing or empty directory or a stand-alone portable checkpoint (nothing but its own
+    files) may be replaced by :func:`save_portable`; never a directory a user keeps something else
+    in, and never a checkpoint's ``portable/`` inside a run."""
     if not path.exists():
         return True
-    if not path.is_dir():
+    if not path.is_dir() or enclosing_run_or_checkpoint(path.parent) is not None:
         return False
     names = {p.name for p in path.iterdir()}
-    return not names or "config.json" in names or {CONFIG, WEIGHTS} <= names
+    return not names or ({CONFIG, WEIGHTS} <= names and names <= {CONFIG, WEIGHTS, TOKENIZER, OPTIMIZER, TRAINER_STATE})
+
+
+def _is_run_dir(path: Path) -> bool:
+    """``config.yaml`` (written first by every run) with ``checkpoints/`` or ``metrics.jsonl``."""
+    return (path / CONFIG).is_file() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file())
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A step directory, a checkpoints root (``latest`` or step directories) or a portable directory."""
+    if _STEP.match(path.name) and ((path / TRAINER_STATE).is_file() or (path / PORTABLE).is_dir()):
+        return True
+    if (path / LATEST).is_file() or path.name == "checkpoints":
+        return any(_STEP.match(p.name) and p.is_dir() for p in path.glob("step_*"))
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def enclosing_run_or_checkpoint(path: str | os.PathLike) -> tuple[str, Path] | None:
+    """``("checkpoint", dir)`` when ``path`` is or lies inside a checkpoint (a step directory, a
+    ``checkpoints/`` root, a portable directory); ``("run directory", dir)`` when ``path`` is a run
+    directory or lies below one of its entries (a direct new child such as ``<run>/hf`` is not
+    "inside": that is where ``train`` exports to). None otherwise. Only existing directories count."""
+    path = Path(os.path.abspath(path))
+    for i, d in enumerate([path, *path.parents]):
+        if not d.is_dir():
+            continue
+        if _is_checkpoint(d):
+            return "checkpoint", d
+        if _is_run_dir(d) and i != 1:
+            return "run directory", d
+    return None
 
 
 def save_portable(model_state_dict: dict[str, torch.Tensor], cfg: RunConfig,
@@ -385,7 +506,7 @@ def read_portable(path: str | os.PathLike) -> PortableCheckpoint:
     """
     portable = resolve_portable(path)
     state_file = portable / TRAINER_STATE
-    return PortableCheckpoint(portable, load_config(portable / CONFIG), load_file(str(portable / WEIGHTS)),
+    return PortableCheckpoint(portable, read_config(portable / CONFIG), load_weights(portable / WEIGHTS),
                               TrainerState.from_json(state_file) if state_file.is_file() else None)
 
 
@@ -395,7 +516,7 @@ def read_optimizer(portable: Path) -> dict:
     ``adam_step`` keeps its first name so that checkpoints written before Adafactor existed
     read the same; it is the optimizer's step count whichever optimizer wrote it.
     """
-    return torch.load(portable / OPTIMIZER, weights_only=True)
+    return load_tensors(portable / OPTIMIZER)
 
 
 def read_averaged(paths: Sequence[str | os.PathLike]) -> PortableCheckpoint:

@@ -78,7 +78,7 @@ register_command(
     "Train from a YAML recipe with DeepSpeed (ZeRO 1/2, expert parallelism): periodic "
     "validation, checkpoints and metrics in the run directory. For several ranks launch "
     "`deepspeed --module moetrain.cli train CONFIG --output-dir DIR`.",
-    add_run_arguments, work_command(main_train, "train"))
+    add_run_arguments, work_command(main_train, "train", resumable=True))
 register_command(
     "evaluate", "score a checkpoint: sacreBLEU on a test set",
     "Translate a test set with beam search and print detokenised sacreBLEU with its signature "

@@ -7,8 +7,9 @@ Three directory formats meet here:
   ``model.safetensors`` (fp32 state dict of the ``ep_size=1`` model, experts under their global
   ids) and ``tokenizer/`` (a ``PreTrainedTokenizerFast`` directory).
 * **HF** (written by :func:`export_to_hf`): ``config.json``, ``model.safetensors`` (sharded
-  above ``max_shard_size``), ``generation_config.json``, tokenizer files and
-  ``moetrain_export.json`` (provenance, parity notes). It loads with
+  above ``max_shard_size``), ``generation_config.json``, tokenizer files,
+  ``moetrain_export.json`` (provenance, parity notes) and ``.moetrain-export.json`` (the files
+  written: only such a directory is ever replaced, see :func:`check_export_target`). It loads with
   ``SwitchTransformersForConditionalGeneration.from_pretrained`` (or
   ``SwitchTransformersEncoderModel`` for encoder-only models, whose task heads go to
   ``moetrain_heads.safetensors``) without missing or unexpected weights.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from moetrain import __version__
-from moetrain.checkpoint_format import PortableCheckpoint, is_replaceable
+from moetrain.checkpoint_format import PortableCheckpoint, enclosing_run_or_checkpoint
 from moetrain.hf_convert import (
     EXPORT_EXPERT_CAPACITY,
     ConversionError,
@@ -48,21 +50,84 @@ from moetrain.utils.atomic import atomic_dir
 from moetrain.utils.errors import UserError
 
 __all__ = ["ExportError", "export_to_hf", "export_checkpoint", "import_from_hf", "load_hf_state_dict",
-           "verify_export"]
+           "verify_export", "check_export_target", "record_export_file", "MARKER_FILE"]
 
 HEADS_FILE, PROVENANCE_FILE = "moetrain_heads.safetensors", "moetrain_export.json"
+#: Written last into every export: the files export wrote. Only a directory holding it, and
+#: nothing else than the files it lists, is ever replaced (and only with ``overwrite``).
+MARKER_FILE = ".moetrain-export.json"
+#: What exports written before the marker existed hold (recognised by ``moetrain_export.json``).
+_LEGACY_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", PROVENANCE_FILE,
+                 HEADS_FILE, "moetrain_export_check.json"}
 
 
 class ExportError(UserError, ValueError):
     """Bad input to export/import; the message names the file or setting that is wrong."""
 
 
-def _atomic_dir(out_dir: str | os.PathLike):
-    """:func:`~moetrain.utils.atomic.atomic_dir`, refusing a directory that is not an earlier output."""
+def check_export_target(out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse an output directory whose contents an export would destroy; nothing is changed.
+
+    Fine: a missing or empty directory, and (with ``overwrite``) an earlier moetrain export that
+    holds only the files it wrote (listed in :data:`MARKER_FILE`). Refused: anything else, and any
+    directory that is, or lies inside, a checkpoint or a run directory (``<run>/hf`` is allowed:
+    that is where ``train`` exports to).
+
+    Raises:
+        ExportError: one line naming the directory, why, and what to do instead.
+    """
     out = Path(out_dir)
-    if not is_replaceable(out):
-        raise ExportError(f"{out} exists and is not an earlier export; choose another output directory")
-    return atomic_dir(out)
+    inside = enclosing_run_or_checkpoint(out)
+    if inside is not None:
+        kind, where = inside
+        how = f"is a {kind}" if where == Path(os.path.abspath(out)) else f"is inside the {kind} {where}"
+        raise ExportError(f"output directory {out} {how}; an export there would replace or mix with its files "
+                          f"(nothing was changed): choose a directory of its own, e.g. hf/<name>")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"output directory {out} exists and is not a directory (nothing was changed)")
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    if not names:
+        return
+    marker = out / MARKER_FILE
+    if not marker.is_file() and (out / PROVENANCE_FILE).is_file():
+        written = {n for n in names if n in _LEGACY_FILES or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)}
+    elif not marker.is_file():
+        raise ExportError(f"output directory {out} exists and is not an earlier export of moetrain (no {MARKER_FILE}; "
+                          f"it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); nothing was changed: "
+                          f"choose another output directory")
+    else:
+        try:
+            written = set(json.loads(marker.read_text())["files"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ExportError(f"output directory {out}: unreadable {MARKER_FILE} ({err}); nothing was changed: "
+                              f"choose another output directory") from None
+    allowed = written | {MARKER_FILE} | {parent.as_posix() for f in written for parent in Path(f).parents} - {"."}
+    extra = [n for n in names if n not in allowed]
+    if extra:
+        raise ExportError(f"output directory {out} holds an earlier export plus files export did not write "
+                          f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); nothing was changed: "
+                          f"move them out or choose another output directory")
+    if not overwrite:
+        raise ExportError(f"output directory {out} holds an earlier moetrain export; nothing was changed: pass "
+                          f"--overwrite to replace it, or choose another output directory")
+
+
+def record_export_file(out_dir: str | os.PathLike, name: str) -> None:
+    """Add ``name``, written into an export after the fact (``train``'s check report), to the files
+    :data:`MARKER_FILE` lists, so that the next export may replace the directory."""
+    marker = Path(out_dir) / MARKER_FILE
+    record = json.loads(marker.read_text())
+    record["files"] = sorted(set(record["files"]) | {name})
+    marker.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _write_marker(tmp: Path) -> None:
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    (tmp / MARKER_FILE).write_text(json.dumps({"written_by": "moetrain export", "moetrain_version": __version__,
+                                               "files": files}, indent=1) + "\n")
 
 
 def _cpu_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -132,14 +197,16 @@ def _save_weights(hf_state: dict[str, Tensor], out: Path, max_shard_size: str | 
 
 def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str | os.PathLike,
                  tokenizer_dir: str | os.PathLike | None = None, generation: dict | None = None, *,
-                 max_shard_size: str | int = "2GB", prefix: str | None = None, source: str | None = None) -> Path:
+                 max_shard_size: str | int = "2GB", prefix: str | None = None, source: str | None = None,
+                 overwrite: bool = False) -> Path:
     """Write a stock HF SwitchTransformers directory.
 
     Args:
         state_dict: moetrain state dict of the ``ep_size=1`` model (a portable checkpoint's).
         model_cfg: ``ModelConfig``; ``arch`` picks ForConditionalGeneration or EncoderModel.
         moe_cfg: ``MoEConfig`` (estimator, experts, placement, loss coefficients).
-        out_dir: destination (created; an earlier export there is replaced).
+        out_dir: destination: missing or empty, or (with ``overwrite``) an earlier moetrain export,
+            which is then replaced; anything else is refused (:func:`check_export_target`).
         tokenizer_dir: tokenizer directory to include (None: no tokenizer files).
         generation: ``num_beams``, ``length_penalty``, ``max_length`` (HF: start token
             included), optional ``early_stopping`` for ``generation_config.json``.
@@ -147,6 +214,7 @@ def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str
         prefix: encoder-only: key prefix of the encoder in ``state_dict`` (default: detected);
             all other keys go to ``moetrain_heads.safetensors``.
         source: recorded in ``moetrain_export.json``.
+        overwrite: replace an earlier moetrain export at ``out_dir``.
 
     Raises:
         ExportError / ConversionError: wrong keys or shapes, routing HF cannot run, bad tokenizer.
@@ -155,6 +223,7 @@ def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str
 
     if model_cfg.arch not in ("encoder_decoder", "encoder"):
         raise ExportError(f"model.arch {model_cfg.arch!r} has no HF SwitchTransformers class")
+    check_export_target(out_dir, overwrite=overwrite)
     note = check_exportable(moe_cfg)
     if note is not None:
         warnings.warn(f"export of a {moe_cfg.estimator} model is approximate in HF: {note}", stacklevel=2)
@@ -166,7 +235,7 @@ def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str
         state_dict, heads, used_prefix = _split_encoder(state_dict, prefix)
     hf_state = _cpu_tensors(to_hf(state_dict, model_cfg, moe_cfg))
     hf_config = SwitchTransformersConfig(**hf_config_dict(model_cfg, moe_cfg))
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         if tokenizer_dir is not None:
             _save_tokenizer(tokenizer_dir, tmp, model_cfg)
         hf_config.save_pretrained(str(tmp))
@@ -191,6 +260,8 @@ def export_to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg, out_dir: str
             "heads_file": HEADS_FILE if heads else None, "encoder_prefix": used_prefix or None,
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        _write_marker(tmp)
+        check_export_target(out_dir, overwrite=overwrite)  # again, right before the swap
     return Path(out_dir)
 
 
@@ -293,7 +364,7 @@ def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], mode
 
 
 def export_checkpoint(ckpt: PortableCheckpoint, out: str | os.PathLike, layout: ExportLayout = ExportLayout(), *,
-                      max_shard_size: str | None = None) -> Path:
+                      max_shard_size: str | None = None, overwrite: bool = False) -> Path:
     """Export a portable checkpoint (already read) to an HF directory.
 
     Args:
@@ -302,6 +373,7 @@ def export_checkpoint(ckpt: PortableCheckpoint, out: str | os.PathLike, layout: 
         layout: the ``export_layout`` of the model that wrote ``ckpt`` (which keys are the
             Switch model, which are heads, which stay behind).
         max_shard_size: largest weight file (default: the checkpoint's ``export.max_shard_size``).
+        overwrite: replace an earlier moetrain export at ``out`` (see :func:`check_export_target`).
 
     Raises:
         ExportError: an encoder-decoder checkpoint without its tokenizer (generation needs
@@ -318,5 +390,5 @@ def export_checkpoint(ckpt: PortableCheckpoint, out: str | os.PathLike, layout: 
                   "max_length": cfg.train.max_decode_length + 1}
     export_to_hf(state_dict, cfg.model, cfg.moe, out, ckpt.tokenizer_dir, generation,
                  max_shard_size=max_shard_size or cfg.export.max_shard_size, prefix=layout.prefix or None,
-                 source=str(ckpt.path))
+                 source=str(ckpt.path), overwrite=overwrite)
     return Path(out)

@@ -277,8 +277,8 @@ def test_bad_inputs_write_nothing(tmp_path):
     # A failed re-export leaves the earlier export intact.
     export_to_hf(state, model_cfg, moe_cfg, out)
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(ExportError):
-        export_to_hf(state, model_cfg, moe_cfg, out, tokenizer_dir=tmp_path / "no-tokenizer")
+    with pytest.raises(ExportError, match="missing tokenizer"):
+        export_to_hf(state, model_cfg, moe_cfg, out, tokenizer_dir=tmp_path / "no-tokenizer", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     # Never replace a directory that is not an export.
     (tmp_path / "precious").mkdir()

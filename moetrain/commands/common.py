@@ -5,8 +5,10 @@ A work command loads and validates the config first, then checks what the recipe
 tell (:func:`preflight`: the task fits the command, input files exist and are not empty, the
 output directory is not a file, enough ranks for ``parallel.ep_size``, a device for the
 precision, a ``latest`` pointer names a checkpoint). Errors are one line on stderr, exit code 2,
-and nothing is created. Then it creates the run directory and writes ``config.yaml`` there
-(:func:`prepare_run`), then calls its function as ``function(cfg, out_dir, args)``.
+and nothing is created. Then it creates the run directory, takes its lock (rank 0; a second
+process on the same directory exits with 2), refuses a directory with checkpoints and no
+``train.resume`` (``train``), writes ``config.yaml`` there (:func:`prepare_run`), then calls its
+function as ``function(cfg, out_dir, args)``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Callable
 from moetrain.config import TASKS, ConfigError, RunConfig, config_to_yaml, load_config, save_config
 from moetrain.utils.errors import UserError
 from moetrain.utils.rundir import create_run_dir, default_run_dir, process_rank, world_size
+from moetrain.utils.runlock import RunLock
 
-__all__ = ["add_run_arguments", "prepare_run", "work_command", "preflight", "check_ranks", "input_paths"]
+__all__ = ["add_run_arguments", "prepare_run", "refuse_restart", "work_command", "preflight", "check_ranks",
+           "input_paths"]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, output_dir: bool = True) -> None:
@@ -39,33 +43,60 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, output_dir: bool = Tru
                  "needed, receives config.yaml, logs and checkpoints. Required with several ranks.")
 
 
-def prepare_run(args: argparse.Namespace, cfg: RunConfig | None = None) -> tuple[RunConfig, Path]:
+def prepare_run(args: argparse.Namespace, cfg: RunConfig | None = None, *,
+                resumable: bool = False) -> tuple[RunConfig, Path]:
     """Load the config (unless given), create the run directory, write ``config.yaml``.
 
     Args:
         args: parsed arguments with ``config``, ``overrides`` and ``output_dir``.
         cfg: an already loaded config (saves loading twice).
+        resumable: the command continues from ``checkpoints/`` (``train``): refuse a directory
+            that holds checkpoints unless ``train.resume`` says what to do with them.
 
     Returns:
         ``(cfg, out_dir)``. Only rank 0 writes ``config.yaml``; every rank gets the path.
 
     Raises:
-        ConfigError: invalid config, or several ranks without ``--output-dir``.
+        ConfigError: invalid config, several ranks without ``--output-dir``, or (``resumable``)
+            a run directory with checkpoints and no ``train.resume``.
     """
     if cfg is None:
         cfg = load_config(args.config, args.overrides)
+    out_dir = _run_dir(args)
+    _write_config(cfg, out_dir, resumable)
+    return cfg, out_dir
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
     output_dir = getattr(args, "output_dir", None)
     if output_dir is not None:
-        out_dir = create_run_dir(output_dir, fresh=False)
-    elif world_size() > 1:
+        return create_run_dir(output_dir, fresh=False)
+    if world_size() > 1:
         # Each rank would stamp its own time and pick a different directory.
         raise ConfigError(f"{args.config}: --output-dir is required when {world_size()} processes run "
                           "(each rank would otherwise pick its own timestamped directory)")
-    else:
-        out_dir = create_run_dir(default_run_dir(args.config), fresh=True)
+    return create_run_dir(default_run_dir(args.config), fresh=True)
+
+
+def _write_config(cfg: RunConfig, out_dir: Path, resumable: bool) -> None:
+    if resumable:
+        refuse_restart(cfg, out_dir)
     if process_rank() == 0:
         _write_run_config(cfg, out_dir / "config.yaml")
-    return cfg, out_dir
+
+
+def refuse_restart(cfg: RunConfig, out_dir: Path) -> None:
+    """A run directory with checkpoints and no ``train.resume``: training would start again at
+    step 1 and then prune and repoint the earlier run's checkpoints. Refuse, naming both ways on."""
+    from moetrain import checkpoint_format as fmt
+
+    if cfg.train.resume is not None:
+        return
+    saved = fmt.list_checkpoints(out_dir / "checkpoints")
+    if saved:
+        raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run (newest: {saved[-1].name}); "
+                          f"nothing was changed: continue it with --set train.resume=latest, or start a new run "
+                          f"with another --output-dir")
 
 
 def _write_run_config(cfg: RunConfig, path: Path) -> None:
@@ -83,11 +114,15 @@ def _write_run_config(cfg: RunConfig, path: Path) -> None:
 
 
 def work_command(function: Callable[[RunConfig, Path, argparse.Namespace], int | None],
-                 command: str | None = None) -> Callable[[argparse.Namespace], int | None]:
+                 command: str | None = None, *, resumable: bool = False) -> Callable[[argparse.Namespace], int | None]:
     """The run function of a work command: config, checks, run directory, then ``function``.
 
     ``command`` (``train``, ``finetune``) is the name the user typed; a recipe whose task another
-    command runs is refused with that command's name.
+    command runs is refused with that command's name. Rank 0 holds the run directory's lock
+    (:class:`~moetrain.utils.runlock.RunLock`) from before ``config.yaml`` is written until
+    ``function`` returns: a second process on the same directory stops with one line naming the
+    holder and exit code 2, before it changes anything. ``resumable`` (``train``): a directory
+    with checkpoints needs ``train.resume`` (:func:`refuse_restart`).
     """
 
     def run(args: argparse.Namespace) -> int | None:
@@ -96,18 +131,22 @@ def work_command(function: Callable[[RunConfig, Path, argparse.Namespace], int |
         given = getattr(args, "output_dir", None)
         existed = given is not None and Path(given).exists()
         parent_existed = Path(given or "runs").parent.exists() if given else Path("runs").exists()
-        cfg, out_dir = prepare_run(args, cfg)
-        try:
-            return function(cfg, out_dir, args)
-        except UserError:
-            # Refused after the directory was made (e.g. an unreachable Hub dataset): a directory
-            # this command created and that holds no checkpoint goes again, so nothing is left.
-            if not existed and process_rank() == 0 and not _has_checkpoint(out_dir):
-                shutil.rmtree(out_dir, ignore_errors=True)
-                if not parent_existed:
-                    with contextlib.suppress(OSError):
-                        out_dir.parent.rmdir()  # only when empty
-            raise
+        out_dir = _run_dir(args)
+        rank0 = process_rank() == 0
+        with RunLock(out_dir) if rank0 else contextlib.nullcontext():
+            try:
+                _write_config(cfg, out_dir, resumable)
+                return function(cfg, out_dir, args)
+            except UserError:
+                # Refused after the directory was made (e.g. an unreachable Hub dataset): a
+                # directory this command created (and holds the lock of) with no checkpoint goes
+                # again, so nothing is left behind.
+                if not existed and rank0 and not _has_checkpoint(out_dir):
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    if not parent_existed:
+                        with contextlib.suppress(OSError):
+                            out_dir.parent.rmdir()  # only when empty
+                raise
 
     return run
 

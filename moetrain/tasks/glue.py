@@ -257,7 +257,7 @@ def _export(model: SequenceClassifier, start: StartPoint, hf_dir: Path, log) -> 
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     export_to_hf(state, start.model_cfg, start.moe_cfg, hf_dir, start.tokenizer_dir,
-                 prefix=SequenceClassifier.export_layout.prefix)
+                 prefix=SequenceClassifier.export_layout.prefix, overwrite=True)  # the run's own hf/
     log(f"exported seed model to {hf_dir} (SwitchTransformersEncoderModel + moetrain_heads.safetensors)")
 
 

@@ -22,10 +22,11 @@ crashes at EP > 1 and loading at another EP size silently misplaces optimizer st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,8 @@ from torch import nn
 
 from moetrain import checkpoint_format as fmt
 from moetrain.checkpoint_format import TrainerState, checkpoint_name, global_key, resolve_resume
-from moetrain.config import RunConfig, load_config
+from moetrain.config import RunConfig
 from moetrain.utils.atomic import write_text_synced
-from moetrain.utils.errors import UserError
 
 from .distributed import DistInfo, barrier
 
@@ -48,8 +48,43 @@ ARCH_KEYS = ("model.arch", "model.vocab_size", "model.d_model", "model.d_kv", "m
              "model.tie_word_embeddings", "moe.num_experts", "moe.sparse_step")
 
 
-class CheckpointMismatch(UserError, ValueError):
+class CheckpointMismatch(fmt.CheckpointError):
     """The checkpoint was written for another model; nothing was loaded or overwritten."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few classes DeepSpeed 0.19.8 pickles into its engine files besides tensors and plain
+    containers (ZeRO-1/2 optimizer states: the stage enum, the loss scaler, fragment addresses).
+    Data-only classes: allowing them lets ``weights_only=True`` read every engine file."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_engine_loads(engine, hint: Callable[[], str] = str):
+    """While the block runs, every file DeepSpeed's checkpoint engine loads goes through
+    ``torch.load(weights_only=True)`` (DeepSpeed's own engine unpickles with ``weights_only=False``,
+    so a crafted checkpoint could run code on resume). A refused, truncated, corrupt or missing
+    file is a :class:`~moetrain.checkpoint_format.CheckpointError` naming it, its step and
+    ``hint()`` (called only then)."""
+    ckpt_engine = engine.checkpoint_engine
+    allowed = _deepspeed_safe_globals()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, OSError
+            raise fmt.file_error(path, err, hint()) from None
+
+    ckpt_engine.load = load  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del ckpt_engine.load
 
 
 def topology(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
@@ -63,7 +98,8 @@ def topology(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
 
 
 def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, info: DistInfo, *,
-                    keep_last: int, is_best: bool = False, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                    keep_last: int, is_best: bool = False, tokenizer_dir: str | os.PathLike | None = None,
+                    own: set[str] | None = None) -> Path:
     """Write ``root/step_<state.step>`` atomically (every rank must call it).
 
     Args:
@@ -73,6 +109,8 @@ def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, inf
         keep_last: complete checkpoints to keep (0 = all); ``latest`` and ``best`` always stay.
         is_best: point ``best`` at this checkpoint.
         tokenizer_dir: copied into ``portable/tokenizer``.
+        own: names of the checkpoints this run saved so far (this one is added); pruning never
+            deletes a newer checkpoint this run did not write (:func:`~moetrain.checkpoint_format.prune`).
     """
     name = checkpoint_name(state.step)
     tmp = root / f".tmp-{name}"
@@ -92,7 +130,9 @@ def save_checkpoint(engine, root: Path, state: TrainerState, cfg: RunConfig, inf
 
     if info.is_main:
         fmt.publish(root, tmp, name, is_best)
-        fmt.prune(root, keep_last)
+        if own is not None:
+            own.add(name)
+        fmt.prune(root, keep_last, own)
     barrier()
     return root / name
 
@@ -113,7 +153,7 @@ def _save_rng(path: Path) -> None:
 def _load_rng(path: Path) -> None:
     import numpy as np
 
-    rng = torch.load(path, weights_only=True)
+    rng = fmt.load_tensors(path)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     kind, keys, pos, has_gauss, gauss = rng["numpy"]
@@ -265,31 +305,60 @@ def load_checkpoint(engine, path: Path, cfg: RunConfig, info: DistInfo) -> tuple
             count or vocabulary (checked before anything is loaded).
     """
     portable = fmt.portable_dir(path)
-    saved_cfg = load_config(portable / fmt.CONFIG)
-    check_compatible(saved_cfg, cfg, portable / fmt.WEIGHTS, engine.module)
+    saved_cfg = fmt.read_config(portable / fmt.CONFIG)
+    state = TrainerState.from_json(portable / fmt.TRAINER_STATE)
+    exact = portable != path and (path / fmt.ENGINE_DIR).is_dir() and state.topology == topology(cfg, info)
+    # An exact resume reads DeepSpeed's files, so it does not need readable portable weights.
+    check_compatible(saved_cfg, cfg, portable / fmt.WEIGHTS, engine.module, weights_optional=exact)
     if saved_cfg.train.optimizer != cfg.train.optimizer:
         raise CheckpointMismatch(f"checkpoint {path} was trained with train.optimizer={saved_cfg.train.optimizer} "
                                  f"and this run uses {cfg.train.optimizer}: its optimizer state does not carry over "
                                  f"(nothing was loaded or overwritten); resume with "
                                  f"--set train.optimizer={saved_cfg.train.optimizer}")
-    state = TrainerState.from_json(portable / fmt.TRAINER_STATE)
-    exact = portable != path and (path / fmt.ENGINE_DIR).is_dir() and state.topology == topology(cfg, info)
     if exact:
-        loaded, _ = engine.load_checkpoint(str(path), tag=fmt.ENGINE_DIR, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        hint = lambda: _portable_hint(portable)  # noqa: E731
+        if not any((path / fmt.ENGINE_DIR).glob("mp_rank_*_model_states.pt")):  # DeepSpeed would only assert
+            raise fmt.CheckpointError(f"{path / fmt.ENGINE_DIR} (checkpoint step {state.step}): DeepSpeed's model "
+                                      f"states file (mp_rank_00_model_states.pt) is missing{hint()}")
+        with safe_engine_loads(engine, hint):
+            loaded, _ = engine.load_checkpoint(str(path), tag=fmt.ENGINE_DIR, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
         if loaded is None:
-            raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {path / fmt.ENGINE_DIR}")
+            raise fmt.CheckpointError(f"{path / fmt.ENGINE_DIR} (checkpoint step {state.step}): DeepSpeed found no "
+                                      f"engine checkpoint in it{hint()}")
         rng = path / fmt.RNG_DIR / f"rank_{info.rank:05d}.pt"
         if rng.exists():
-            _load_rng(rng)
+            try:
+                _load_rng(rng)
+            except fmt.CheckpointError as err:
+                raise fmt.CheckpointError(f"{err}{hint()}") from None
     else:
         restore_portable(engine, portable)
     state.topology = topology(cfg, info)
     return state, exact
 
 
-def check_compatible(saved: RunConfig, cfg: RunConfig, weights_file: Path, model: nn.Module) -> None:
-    """Refuse a checkpoint whose architecture differs, naming each differing key."""
+def _portable_hint(portable: Path) -> str:
+    """What to do when an engine file of this step cannot be used: its portable copy, if intact."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(portable / fmt.WEIGHTS), framework="pt") as f:
+            f.keys()
+        fmt.read_optimizer(portable)
+    except Exception:  # noqa: BLE001 - any failure: the portable copy cannot be offered
+        return "; the portable copy of this step is unusable too: resume from an earlier checkpoint"
+    return (f"; the portable copy of the same step is intact: resume from it with "
+            f"--set train.resume={portable} (nothing was changed)")
+
+
+def check_compatible(saved: RunConfig, cfg: RunConfig, weights_file: Path, model: nn.Module, *,
+                     weights_optional: bool = False) -> None:
+    """Refuse a checkpoint whose architecture differs, naming each differing key.
+
+    With equal configs the weight names and shapes in ``weights_file`` are compared too; an
+    unreadable file is a :class:`~moetrain.checkpoint_format.CheckpointError` unless
+    ``weights_optional`` (an exact resume, which loads DeepSpeed's files instead)."""
     from safetensors import safe_open
 
     diffs = []
@@ -299,8 +368,13 @@ def check_compatible(saved: RunConfig, cfg: RunConfig, weights_file: Path, model
         if old != new:
             diffs.append(f"{dotted}: checkpoint {old!r}, config {new!r}")
     if not diffs:  # same config, but the model code may have changed: compare names and shapes
-        with safe_open(str(weights_file), framework="pt") as f:
-            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        try:
+            with safe_open(str(weights_file), framework="pt") as f:
+                have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: truncated or corrupt
+            if weights_optional:
+                return
+            raise fmt.file_error(weights_file, err) from None
         want = expected_global_shapes(model)
         missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
         shapes = [f"{k}: checkpoint {have[k]}, model {want[k]}" for k in sorted(want.keys() & have.keys())
@@ -334,9 +408,8 @@ def restore_portable(engine, portable: Path) -> None:
     optimizer's tensors (Adafactor's factored moments too) come back exactly.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from safetensors.torch import load_file
 
-    weights = load_file(str(portable / fmt.WEIGHTS))
+    weights = fmt.load_weights(portable / fmt.WEIGHTS)
     optim = fmt.read_optimizer(portable)
     model, zero, base = engine.module, _zero_optimizer(engine), _base_optimizer(engine)
     layers = _expert_layers(model)

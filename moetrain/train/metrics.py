@@ -6,7 +6,9 @@ Three sinks, all on rank 0:
   evaluation (``"type": "eval"``). Train records hold at least ``step``, ``loss``, ``lr``,
   ``tokens_per_second``; also ``grad_norm``, ``samples_per_second``, ``mfu``, the task's own
   logs and, per MoE layer, ``moe: [{layer, load, dropped_fraction, router_entropy,
-  balance_loss, z_loss}]``. Appended to, so a resumed run continues the same file.
+  balance_loss, z_loss}]``. Appended to, so a resumed run continues the same file; on resume the
+  records past the restored step (written after that checkpoint by the run that stopped, and about
+  to be replayed) are dropped first, so every step appears once (:func:`drop_records_after`).
 * ``<run dir>/tensorboard/``: the same numbers as scalars (``train/*``, ``eval/*``,
   ``moe/<layer>/*``) plus a histogram of each layer's expert load.
 * a tqdm progress bar (loss, tokens/s, lr, ETA, expert load) when stderr is a terminal,
@@ -30,7 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["WindowStats", "MetricsLogger", "flops_per_token", "peak_flops"]
+from moetrain.utils.atomic import write_text_synced
+
+__all__ = ["WindowStats", "MetricsLogger", "flops_per_token", "peak_flops", "drop_records_after"]
 
 
 class WindowStats:
@@ -167,10 +171,12 @@ class MetricsLogger:
         max_steps / start_step: for the progress bar and ETA.
         layer_names: names of the MoE layers, in the order tasks report their stats.
         budget_seconds: training time left under ``train.max_minutes`` (caps the ETA); None = none.
+        resumed: the run continues from a checkpoint at ``start_step``: records past it are dropped.
     """
 
     def __init__(self, out_dir: Path, is_main: bool, max_steps: int, start_step: int,
-                 layer_names: list[str] | None = None, budget_seconds: float | None = None):
+                 layer_names: list[str] | None = None, budget_seconds: float | None = None,
+                 resumed: bool = False):
         self.is_main = is_main
         self.max_steps = max_steps
         self.start_step = start_step
@@ -181,6 +187,11 @@ class MetricsLogger:
         if not is_main:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            dropped = drop_records_after(out_dir / "metrics.jsonl", start_step)
+            if dropped:
+                print(f"moetrain: metrics.jsonl: dropped {dropped} record(s) past step {start_step} (written after "
+                      f"that checkpoint; the resumed run writes them again)", flush=True)
         self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -278,6 +289,27 @@ class MetricsLogger:
             eta = min(eta, max(self.deadline - now, 0.0))  # train.max_minutes ends the run first
         print(f"step {step}/{self.max_steps} " + " ".join(f"{k} {v}" for k, v in parts.items())
               + f" eta {_duration(eta)}", flush=True)
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite ``path`` atomically without the records whose ``step`` is past ``step``, and without
+    a torn last line (a process killed mid-write). Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        write_text_synced(path, "".join(x + "\n" for x in kept))
+    return dropped
 
 
 def _fmt(value: Any) -> str:

@@ -16,7 +16,8 @@ Two rules keep multi-rank runs from hanging or drifting:
 
 SIGTERM (SLURM preemption or time limit, ``kill``) on any rank ends the run after the current
 step with a checkpoint: the request travels to every rank in the all-reduce each micro-batch
-already makes, so all ranks stop at the same step.
+already makes, so all ranks stop at the same step. The returned state's ``stopped_by`` is then
+``"SIGTERM"`` and ``moetrain train`` exits with 143, so a scheduler can tell it from a finished run.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
     clock = TrainingClock(state.train_seconds, t.max_minutes)
     batches = MicroBatches(run.task, run.info, state.data_position, engine.device, clock)
     window, flops = WindowStats(), flops_per_token(engine.module)
-    saved = None
+    saved, own = None, set()  # own: checkpoints this run wrote (pruning leaves newer ones of earlier runs alone)
     lr, grad_norm = engine.get_lr()[0], None
     engine.train()
     with _stop_on_sigterm(batches):
@@ -114,18 +115,22 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
             is_best = _maybe_evaluate(run, last and not batches.stopping)  # a stop skips the final eval
             if save and ((t.save_every and state.step % t.save_every == 0) or last):
                 saved = save_checkpoint(engine, run.checkpoints, state, cfg, run.info, keep_last=t.keep_last,
-                                is_best=is_best, tokenizer_dir=run.task.tokenizer_dir)
+                                is_best=is_best, tokenizer_dir=run.task.tokenizer_dir, own=own)
             window.start += time.perf_counter() - paused  # throughput excludes eval and saves
             if logging:
                 grad_norm = None
     if batches.out_of_time and not batches.stopping:
         run.logger.message(f"moetrain: time budget train.max_minutes={t.max_minutes:g} spent after step "
                            f"{state.step} ({state.train_seconds / 60:.1f} min; final evaluation and checkpoint done)")
-    if batches.stopping:
-        run.logger.message(f"moetrain: stopped by SIGTERM after step {state.step} (checkpoint saved)")
     best = (f"; best {state.metric} {state.best_metric:.4g} at step {state.best_step}"
             if state.best_metric is not None else "")
-    run.logger.message(f"moetrain: finished at step {state.step}{best}\n"
+    if batches.stopping:
+        state.stopped_by = "SIGTERM"  # `moetrain train` exits with 143 (128 + SIGTERM), not 0
+        headline = (f"moetrain: stopped at step {state.step} of {t.max_steps} by SIGTERM"
+                    + (" (checkpoint saved; continue with --set train.resume=latest)" if saved is not None else ""))
+    else:
+        headline = f"moetrain: finished at step {state.step}{best}"
+    run.logger.message(f"{headline}\n"
                        f"  metrics      {run.out_dir / 'metrics.jsonl'}\n"
                        f"  tensorboard  tensorboard --logdir {run.out_dir / 'tensorboard'}"
                        + (f"\n  checkpoint   {saved}" if saved is not None else ""))
@@ -152,7 +157,8 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
     layers = set(moe_layers(model))
     names = [name for name, m in model.named_modules() if m in layers]
     budget = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60 - state.train_seconds
-    logger = MetricsLogger(out_dir, info.is_main, cfg.train.max_steps, state.step, names, budget)
+    logger = MetricsLogger(out_dir, info.is_main, cfg.train.max_steps, state.step, names, budget,
+                           resumed=ckpt is not None)
     logger.message(f"moetrain: {info.world_size} rank(s), ep_size={cfg.parallel.ep_size}, "
                    f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.precision}, device {info.device}"
                    + (f"; resumed at step {state.step} from {ckpt}" if ckpt else ""))
