@@ -242,3 +242,23 @@ def test_task_registries_agree():
     assert set(tasks.TASKS) == {name for name, command in config.TASKS.items() if command == "train"}
     with pytest.raises(ValueError, match="task 'glue' is run by `moetrain finetune`"):
         tasks.task_class("glue")
+
+
+def test_resumed_logger_shows_each_step_once_in_tensorboard(tmp_path):
+    """A run that logged steps 1-4 and resumes from its step-2 checkpoint: TensorBoard (and
+    metrics.jsonl) show steps 1-4 once, with the resumed run's values for 3 and 4."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLogger(tmp_path, is_main=True, max_steps=4, start_step=0)
+    for step in range(1, 5):
+        first.log_train(step, {"loss": float(step), "tokens_per_second": 1.0, "lr": 0.1})
+    first.close()
+    resumed = MetricsLogger(tmp_path, is_main=True, max_steps=4, start_step=2, resumed=True)
+    for step in (3, 4):
+        resumed.log_train(step, {"loss": 10.0 + step, "tokens_per_second": 1.0, "lr": 0.1})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]

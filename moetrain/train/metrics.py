@@ -10,7 +10,8 @@ Three sinks, all on rank 0:
   records past the restored step (written after that checkpoint by the run that stopped, and about
   to be replayed) are dropped first, so every step appears once (:func:`drop_records_after`).
 * ``<run dir>/tensorboard/``: the same numbers as scalars (``train/*``, ``eval/*``,
-  ``moe/<layer>/*``) plus a histogram of each layer's expert load.
+  ``moe/<layer>/*``) plus a histogram of each layer's expert load; a resumed run writes a purge
+  marker at the restored step, so TensorBoard drops the stopped run's later events.
 * a tqdm progress bar (loss, tokens/s, lr, ETA, expert load) when stderr is a terminal,
   else one plain line per logged step (launcher logs stay readable).
 
@@ -196,7 +197,9 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the earlier run's events from the restored step on, so
+            # its curves, like metrics.jsonl's, show each step once after a resume.
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if resumed else None)
         except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
             self.tb = None
         if sys.stderr.isatty():
