@@ -853,12 +853,11 @@ def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
     require(p.ep_size >= 1, "parallel.ep_size", f"must be >= 1, got {p.ep_size}")
     require(moe.num_experts % p.ep_size == 0, "parallel.ep_size",
             f"must divide moe.num_experts={moe.num_experts}, got {p.ep_size}")
-    # Measured with DeepSpeed 0.19.8 (deepspeed-ep notes, P2): without ZeRO the clipping norm
-    # under EP > 1 averages per-rank norms (0.715 instead of 0.754), and bf16 falls back to
-    # FP16_UnfusedOptimizer, which leaves expert gradients out of the norm and drifts.
-    # Without ZeRO, DeepSpeed's clipping norm is wrong under EP > 1 and its bf16 optimizer drifts
-    # (deepspeed-ep notes, P2): at ZeRO-0 moetrain clips itself (train/optim.py) and runs bf16 as
-    # torch.autocast over fp32 weights (train/distributed.py).
+    # Measured with DeepSpeed 0.19.8 (deepspeed-ep notes, P2): without ZeRO its clipping norm under
+    # EP > 1 averages per-rank norms (0.715 instead of 0.754), and its bf16 path falls back to
+    # FP16_UnfusedOptimizer, which leaves expert gradients out of the norm and drifts. So at ZeRO-0
+    # moetrain clips itself (train/optim.py) and runs bf16 as torch.autocast over fp32 weights
+    # (train/distributed.py), and EP and bf16 are allowed there.
     # ZeRO-1/2 flatten each parameter group and give the optimizer one 1-D shard per rank: Adafactor
     # would factor nothing and scale by the RMS of a shard instead of a weight (measured: docs/training.md).
     if t.optimizer == "adafactor":

@@ -34,7 +34,8 @@ TINY = REPO_ROOT / "configs" / "electra_tiny.yaml"
 # A smaller model than configs/electra_tiny.yaml, so a few hundred steps take seconds.
 TEST_OVERRIDES = [
     "model.d_model=32", "model.d_ff=64", "model.num_heads=2", "model.vocab_size=320", "data.vocab_size=320",
-    "electra.seq_length=32", "electra.batch_size=16", "electra.valid_sequences=48", "train.schedule=inverse_sqrt",
+    "electra.seq_length=32", "electra.batch_size=16", "electra.valid_sequences=48", "train.optimizer=adamw",
+    "train.schedule=inverse_sqrt",
     "train.lr=3e-3", "train.warmup_steps=20", "train.log_every=20", "train.eval_every=120", "train.save_every=120",
     "train.keep_last=0",
 ]
