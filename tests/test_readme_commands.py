@@ -177,6 +177,11 @@ def test_skips_give_a_reason():
     assert all(check.reason for check in PLAN.values() if check.kind in ("skip", "config"))
 
 
+#: `make test` runs .venv/bin/python without activating the venv; the launch scripts call `python`
+#: and `torchrun` from PATH as a user's activated shell would, so put the venv's bin/ first.
+VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def _moetrain(argv: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     full_env = child_env(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
     return subprocess.run([sys.executable, "-m", "moetrain", *argv], cwd=cwd, env=full_env, capture_output=True,
@@ -273,7 +278,7 @@ def test_readme_launcher_dry_run(command):
         key, value = words.pop(0).split("=", 1)
         env[key] = value
     result = subprocess.run(["bash", *words], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                            env=child_env(DRY_RUN="1", **env))
+                            env=child_env(DRY_RUN="1", PATH=VENV_PATH, **env))
     assert result.returncode == 0, result.stderr
     assert PLAN[command].expect in result.stdout and "moetrain.cli train configs/demo.yaml" in result.stdout
 
