@@ -165,6 +165,22 @@ def test_train_into_a_run_with_checkpoints_refuses_without_resume(tmp_path):
     assert [r["step"] for r in train_records(out)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_after_the_time_budget_is_spent_trains_and_writes_nothing(tmp_path):
+    """main: a rerun of a finished budgeted run trained one more step and wrote a checkpoint past
+    the budget (the spent check came after the step)."""
+    out = tmp_path / "run"
+    assert run_train(out, "train.max_minutes=1e-5", "train.max_steps=50").returncode == 0
+    ckpts = out / "checkpoints"
+    before = snapshot(out)
+    assert (ckpts / "latest").read_text() == "step_00000001"
+    proc = run_train(out, "train.max_minutes=1e-5", "train.max_steps=50", "train.resume=latest")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "was already spent at step 1" in proc.stdout + proc.stderr
+    after = snapshot(out)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert not any(k.startswith("checkpoints/") or k == "metrics.jsonl" for k in changed), changed
+
+
 def test_prune_never_deletes_a_newer_checkpoint_of_an_earlier_run(tmp_path):
     """Defence in depth: a run that restarted at step 0 in a directory holding steps 2..8 of an
     earlier run wrote step 2 and 4; pruning to 1 may delete its own step 2, never steps 6 and 8."""

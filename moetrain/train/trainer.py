@@ -81,6 +81,15 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
     run = setup(cfg, Path(out_dir), task)
     t, engine, state = cfg.train, run.engine, run.state
     clock = TrainingClock(state.train_seconds, t.max_minutes)
+    if clock.budget is not None and state.train_seconds >= clock.budget:
+        # Resumed after the budget ran out (a rerun of a finished recipe): training one more step
+        # would write a checkpoint past the promise "the model t.max_minutes buy". Same on every
+        # rank: the spent seconds come from the checkpoint, not from this process's clock.
+        run.logger.message(f"moetrain: time budget train.max_minutes={t.max_minutes:g} was already spent at "
+                           f"step {state.step} ({state.train_seconds / 60:.1f} min); nothing trained, "
+                           f"nothing written. Raise train.max_minutes to train on.")
+        run.logger.close()
+        return state
     batches = MicroBatches(run.task, run.info, state.data_position, engine.device, clock)
     window, flops = WindowStats(), flops_per_token(engine.module)
     saved, own = None, set()  # own: checkpoints this run wrote (pruning leaves newer ones of earlier runs alone)
