@@ -181,13 +181,33 @@ class MoEConfig:
     """Softmax temperature of the router (used by STGS/ReinMax; 1 = plain softmax)."""
 
     balance_coef: float = 0.01
-    """Weight of the load-balancing loss, summed over sparse layers (per-token normalised)."""
+    """Weight of the load-balancing loss, summed over sparse layers (per-token normalised).
+    Applied when ``balance`` includes ``aux_loss``."""
+
+    balance: str = choices("aux_loss", "aux_loss", "aux_free", "aux_loss+aux_free")
+    """How experts are kept busy: ``aux_loss`` (the Switch balance loss), ``aux_free``
+    (DeepSeek-V3's per-expert selection bias, moved after each optimizer step towards equal
+    load; no balance loss) or both. aux_free works with the switch and topk estimators."""
+
+    balance_scope: str = choices("micro_batch", "micro_batch", "global")
+    """Where the balance loss counts expert loads: ``micro_batch`` (each rank's micro-batch, the
+    Switch paper) or ``global`` (every rank's tokens of the optimizer step; lower perplexity and
+    more specialised experts in Qiu et al. 2025). Formula: docs/training.md."""
+
+    bias_update_rate: float = 1e-3
+    """Step of the aux-free bias update ``b_i += rate * sign(mean load - load_i)`` (torchtitan's
+    default)."""
 
     z_coef: float = 0.001
     """Weight of the router z-loss (mean squared logsumexp of the logits)."""
 
     sparse_step: int = 2
     """HF placement: layer i is sparse when i % sparse_step == 1, every layer when it is 1."""
+
+    @property
+    def balance_loss_weight(self) -> float:
+        """The weight the tasks give the balance loss: ``balance_coef``, or 0 under aux_free alone."""
+        return self.balance_coef if "aux_loss" in self.balance.split("+") else 0.0
 
 
 @dataclass
@@ -615,6 +635,18 @@ _BUILTIN_ESTIMATORS: dict[str, int | None] = {
 }
 
 
+#: Built-in estimators whose choice is an argmax / top-k a selection bias can shift (aux_free).
+_SELECTION_BIAS_ESTIMATORS = ("switch", "topk")
+
+
+def _takes_selection_bias(name: str) -> bool:
+    if name in _BUILTIN_ESTIMATORS:
+        return name in _SELECTION_BIAS_ESTIMATORS
+    from moetrain.moe.estimators import ESTIMATORS
+
+    return name in ESTIMATORS and ESTIMATORS[name].supports_selection_bias
+
+
 def known_estimators() -> list[str]:
     """Names accepted by ``moe.estimator``: the registry's keys, or the built-in list.
 
@@ -797,6 +829,12 @@ def _check_moe(moe: MoEConfig, m: ModelConfig, require: Callable[[bool, str, str
     require(moe.temperature > 0, "moe.temperature", f"must be > 0, got {moe.temperature}")
     require(moe.balance_coef >= 0, "moe.balance_coef", f"must be >= 0, got {moe.balance_coef}")
     require(moe.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {moe.z_coef}")
+    require(moe.bias_update_rate > 0, "moe.bias_update_rate", f"must be > 0, got {moe.bias_update_rate}")
+    if "aux_free" in moe.balance.split("+"):
+        require(_takes_selection_bias(moe.estimator), "moe.balance",
+                f"aux_free adds a selection bias to the router's choice; estimator '{moe.estimator}' "
+                "does not take one (its choice is sampled or dense): use switch or topk, or "
+                "moe.balance=aux_loss")
     require(moe.sparse_step >= 1, "moe.sparse_step", f"must be >= 1, got {moe.sparse_step}")
     # With i % sparse_step == 1, a one-layer stack gets no sparse layer unless the step is 1.
     stacks = [m.num_layers] + ([m.num_decoder_layers] if m.arch == "encoder_decoder" else [])

@@ -338,6 +338,7 @@ def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], mode
     if model_cfg.arch == "encoder":
         state_dict = _split_encoder(state_dict, None)[0]
     model.load_state_dict(state_dict)
+    agreement = _record_bias_agreement(model)
     cls = (transformers.SwitchTransformersEncoderModel if model_cfg.arch == "encoder"
            else transformers.SwitchTransformersForConditionalGeneration)
     hf = cls.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
@@ -355,7 +356,32 @@ def verify_export(hf_dir: str | os.PathLike, state_dict: dict[str, Tensor], mode
         ours = model(ids, mask, dec).logits
         theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
         valid = torch.ones_like(dec, dtype=torch.bool)
+    if agreement:
+        warnings.warn(f"aux-free selection bias dropped in HF: {_agreement_text(agreement)}", stacklevel=2)
     return float((ours - theirs).abs()[valid].max())
+
+
+def _record_bias_agreement(model) -> list[float]:
+    """Per aux-free MoE layer, the share of routed tokens whose expert is the same with and
+    without the selection bias (what the HF export, which has no bias, still routes alike)."""
+    from moetrain.moe import moe_layers
+
+    shares: list[float] = []
+
+    def hook(layer, inputs, logits):
+        probs = logits.softmax(-1)
+        same = probs.argmax(-1) == (probs + layer.selection_bias.to(probs.dtype)).argmax(-1)
+        shares.append(float(same.double().mean()))
+
+    for layer in moe_layers(model):
+        if layer.selection_bias is not None:
+            layer.router.register_forward_hook(lambda m, i, o, layer=layer: hook(layer, i, o))
+    return shares
+
+
+def _agreement_text(shares: list[float]) -> str:
+    return (f"top-1 agreement with moetrain's routing on the check batch: min {min(shares):.1%}, "
+            f"mean {sum(shares) / len(shares):.1%} over {len(shares)} MoE layer call(s)")
 
 
 # ---------------------------------------------------------------------------

@@ -47,6 +47,14 @@ APPROXIMATE_ESTIMATORS = {
 }
 
 
+#: Aux-loss-free balancing (moe.balance: aux_free) cannot be expressed in HF's router.
+AUX_FREE_NOTE = (
+    "aux-loss-free balancing chooses experts by softmax + a per-expert selection bias that leaves "
+    "the gate value unbiased; HF's router has no such term (router_bias would change the gate "
+    "too), so the export routes by the plain argmax. `moetrain export --verify` reports how many "
+    "tokens still go to the same expert")
+
+
 class ConversionError(UserError, ValueError):
     """A state dict or config does not fit the mapping; the message names what is wrong."""
 
@@ -148,6 +156,9 @@ def to_hf(state_dict: dict[str, Tensor], model_cfg, moe_cfg) -> dict[str, Tensor
     (diag(omega) wo) h``.
     """
     rows = name_map(model_cfg, moe_cfg)
+    # The aux-free selection bias: HF's router has no selection-only term (its router_bias would
+    # shift the gate value too), so the export routes by the unbiased argmax (check_exportable).
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".selection_bias")}
     omegas = _omega_keys(model_cfg, moe_cfg) if moe_cfg.estimator == "sparsemixer" else {}
     stray = [k for k in state_dict if k.endswith(".estimator.omega")]
     if stray and not omegas:
@@ -273,6 +284,8 @@ def check_exportable(moe_cfg) -> str | None:
     if moe_cfg.top_k != 1:
         raise ConversionError(f"HF SwitchTransformers routes each token to one expert; this model uses "
                               f"moe.top_k={moe_cfg.top_k} (estimator {moe_cfg.estimator!r})")
+    if "aux_free" in moe_cfg.balance.split("+"):
+        return AUX_FREE_NOTE
     if moe_cfg.estimator in EXACT_ESTIMATORS:
         return None
     if moe_cfg.estimator in APPROXIMATE_ESTIMATORS:
@@ -298,7 +311,7 @@ def hf_config_dict(model_cfg, moe_cfg) -> dict:
         relative_attention_num_buckets=model_cfg.relative_attention_num_buckets,
         relative_attention_max_distance=model_cfg.relative_attention_max_distance,
         dropout_rate=model_cfg.dropout_rate, layer_norm_epsilon=model_cfg.layer_norm_epsilon,
-        router_z_loss_coef=moe_cfg.z_coef, router_aux_loss_coef=moe_cfg.balance_coef,
+        router_z_loss_coef=moe_cfg.z_coef, router_aux_loss_coef=moe_cfg.balance_loss_weight,
         dense_act_fn="relu", is_encoder_decoder=not encoder_only, use_cache=not encoder_only,
         tie_word_embeddings=model_cfg.tie_word_embeddings, pad_token_id=model_cfg.pad_token_id,
         eos_token_id=model_cfg.eos_token_id, decoder_start_token_id=model_cfg.decoder_start_token_id,

@@ -47,9 +47,18 @@ CLEAN = {"train.max_steps": 8, "train.save_every": 4, "train.keep_last": 2, "tra
 
 
 CLEAN_ADAFACTOR = {**CLEAN, **OPTIM["adafactor_z0"]}
+#: Load balancing on the real Switch model, EP=2 on 2 ranks vs 1 rank (GAS 2): the global-batch
+#: loss and the aux-free bias are defined over all ranks, so they must match; the micro-batch
+#: loss (per-rank statistics) with the same weight must not (negative control).
+BALANCE = {
+    "global": {"moe.balance_scope": "global", "moe.balance_coef": 0.5},
+    "aux_free": {"moe.balance": "aux_free", "moe.bias_update_rate": 0.01, "train.max_steps": 6,
+                 "train.save_every": 4},
+    "micro_batch": {"moe.balance_scope": "micro_batch", "moe.balance_coef": 0.5},
+}
 
 
-def launch(spec: list[dict], tmp: Path, ranks: int, timeout: int = 240) -> subprocess.CompletedProcess:
+def launch(spec: list[dict], tmp: Path, ranks: int, timeout: int = 420) -> subprocess.CompletedProcess:
     """Run the scenarios under the deepspeed launcher (ranks > 1) or as one plain process."""
     spec_file = tmp / f"spec-{time.monotonic_ns()}.json"
     spec_file.write_text(json.dumps(spec))
@@ -113,6 +122,8 @@ def two_ranks(tmp):
         {"name": "clean_adafactor", "out_dir": str(tmp / "clean_adafactor"), "set": CLEAN_ADAFACTOR},
         {"name": "bf16_autocast_ep2", "out_dir": str(tmp / "bf16_autocast_ep2"),
          "set": {**OPTIM["adafactor_z0"], "train.precision": "bf16"}},
+        *[{"name": f"{name}_ep2", "out_dir": str(tmp / f"{name}_ep2"), "task": "seq2seq", "set": opts}
+          for name, opts in BALANCE.items()],
         {"name": "budget", "out_dir": str(tmp / "budget"),
          "set": {"train.max_minutes": 1e-4, "train.max_steps": 100, "train.eval_every": 50}},
         # What config validation refuses, measured: Adafactor on ZeRO-1's flat shards.
@@ -141,6 +152,8 @@ def single_rank(tmp, two_ranks):
         {"name": "adafactor_to_adamw", "out_dir": str(tmp / "adafactor_to_adamw"), "expect_error": True,
          "set": {**CLEAN_ADAFACTOR, "train.optimizer": "adamw", "parallel.ep_size": 1,
                  "train.resume": str(src_adafactor)}},
+        *[{"name": f"{name}_ref", "out_dir": str(tmp / f"{name}_ref"), "task": "seq2seq",
+           "set": {**opts, "parallel.ep_size": 1}} for name, opts in BALANCE.items() if name != "micro_batch"],
         {"name": "switch_model_ref", "out_dir": str(tmp / "switch_model_ref"), "task": "seq2seq",
          "set": {"moe.estimator": "sparsemixer", "parallel.ep_size": 1}},
         {"name": "portable_w1", "out_dir": str(tmp / "portable_w1"),
@@ -168,6 +181,11 @@ def resumed(tmp, two_ranks):
                  "train.resume": str(tmp / "clean_adafactor" / "checkpoints" / "step_00000004")}},
         {"name": "exact_adafactor", "out_dir": str(tmp / "exact_adafactor"),
          "set": {**CLEAN_ADAFACTOR, "train.resume": str(tmp / "clean_adafactor" / "checkpoints" / "step_00000004")}},
+        # The aux-free bias through both checkpoint kinds: exact (engine, EP=2) and portable at EP=1.
+        *[{"name": f"aux_free_resume_{kind}", "out_dir": str(tmp / f"aux_free_resume_{kind}"), "task": "seq2seq",
+           "set": {**BALANCE["aux_free"], "parallel.ep_size": ep,
+                   "train.resume": str(tmp / "aux_free_ep2" / "checkpoints" / "step_00000004")}}
+          for kind, ep in (("exact", 2), ("portable_ep1", 1))],
         {"name": "resume_exact", "out_dir": str(tmp / "killed"),
          "set": {**CLEAN, "model.dropout_rate": 0.1, "train.resume": "latest"}},
     ]
@@ -195,6 +213,41 @@ def test_real_switch_model_ep2_matches_one_rank(tmp, two_ranks, single_rank):
     losses, ref_losses = ([r["loss"] for r in train_records(d)] for d in (ep2, ref))
     assert losses == pytest.approx(ref_losses, abs=1e-5) and ref_losses[-1] < ref_losses[0]
     assert max_diff(portable(ep2, 4)[0], portable(ref, 4)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["global", "aux_free"])
+def test_global_balance_and_aux_free_bias_match_one_rank(tmp, two_ranks, single_rank, name):
+    ep2, ref = tmp / f"{name}_ep2", tmp / f"{name}_ref"
+    assert result(ep2, two_ranks)["ok"] and result(ref, single_rank[0])["ok"]
+    losses, ref_losses = ([r["loss"] for r in train_records(d)] for d in (ep2, ref))
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    balance = [r["balance_loss"] for r in train_records(ref)]
+    weights, ref_weights = portable(ep2, 4)[0], portable(ref, 4)[0]
+    assert max_diff(weights, ref_weights) < 1e-5
+    biases = {k: v for k, v in weights.items() if k.endswith("selection_bias")}
+    if name == "aux_free":  # saved in the portable checkpoint, moved by the updates, same as 1 rank
+        assert biases and all(float(v.abs().max()) > 0 for v in biases.values())
+    else:
+        assert not biases and max(balance) > 1.0  # the loss is on and away from its minimum
+
+
+@pytest.mark.parametrize("kind", ["exact", "portable_ep1"])
+def test_aux_free_bias_survives_resume(tmp, two_ranks, resumed, kind):
+    """Steps 5-6 after a resume from step 4 (same EP, or EP=1 from the portable files) equal the
+    uninterrupted run: the bias came back from the checkpoint (a zero bias would route differently)."""
+    out = tmp / f"aux_free_resume_{kind}"
+    assert result(out, resumed[0])["ok"]
+    full = {r["step"]: r["loss"] for r in train_records(tmp / "aux_free_ep2")}
+    got = {r["step"]: r["loss"] for r in train_records(out)}
+    assert sorted(got) == [5, 6] and [got[5], got[6]] == pytest.approx([full[5], full[6]], abs=1e-5)
+    assert max_diff(portable(out, 6)[0], portable(tmp / "aux_free_ep2", 6)[0]) < 1e-5
+
+
+def test_micro_batch_balance_differs_across_data_parallel_sizes(tmp, two_ranks, single_rank):
+    """Negative control: the per-rank loss with the same weight does not match the global reference."""
+    assert result(tmp / "micro_batch_ep2", two_ranks)["ok"]
+    losses, ref_losses = ([r["loss"] for r in train_records(d)] for d in (tmp / "micro_batch_ep2", tmp / "global_ref"))
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) > 1e-4
 
 
 def test_bf16_ep2_runs_close_to_fp32(tmp, two_ranks, single_rank):

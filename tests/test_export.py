@@ -363,3 +363,25 @@ def test_cli_errors_are_one_line(tmp_path, repo_root, capsys):
     assert main_export(_parse([str(tmp_path / "p"), "--out", str(tmp_path / "hf")])) == 2
     assert "missing tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_aux_free_bias_is_dropped_with_a_warning_and_its_agreement(tmp_path):
+    """HF's router cannot take a selection-only bias: a zero bias exports exactly, a trained one
+    is dropped with a warning that says how many tokens still route alike."""
+    model, model_cfg, moe_cfg = build(moe__balance="aux_free")
+    assert any(k.endswith(".selection_bias") for k in model.state_dict())
+    with pytest.warns(UserWarning, match="aux-loss-free"):
+        export_to_hf(model.state_dict(), model_cfg, moe_cfg, tmp_path / "zero")
+    assert json.loads((tmp_path / "zero" / "moetrain_export.json").read_text())["inference_parity"] == "approximate"
+    with pytest.warns(UserWarning, match=r"top-1 agreement .* min 100\.0%"):
+        assert verify_export(tmp_path / "zero", model.state_dict(), model_cfg, moe_cfg) < TOL
+
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("selection_bias"):
+                buf.copy_(torch.linspace(-0.3, 0.3, buf.numel()))
+    with pytest.warns(UserWarning, match="aux-loss-free"):
+        export_to_hf(model.state_dict(), model_cfg, moe_cfg, tmp_path / "biased")
+    with pytest.warns(UserWarning, match=r"top-1 agreement .* min (?!100\.0%)\d+\.\d%") as record:
+        gap = verify_export(tmp_path / "biased", model.state_dict(), model_cfg, moe_cfg)
+    assert gap > TOL, [str(w.message) for w in record]

@@ -3,7 +3,7 @@
     from moetrain.models import build_model, moe_aux_loss
     model = build_model(cfg.model, cfg.moe)                  # SwitchTransformer or SwitchEncoderModel
     out = model(src, src_mask, tgt_in, tgt_mask)             # SwitchOutput(logits, moe_stats, ...)
-    aux, logs = moe_aux_loss(out.moe_stats, cfg.moe.balance_coef, cfg.moe.z_coef)
+    aux, logs = moe_aux_loss(out.moe_stats, cfg.moe.balance_loss_weight, cfg.moe.z_coef)
     hyps = model.generate(src, src_mask, num_beams=4, length_penalty=0.6, max_length=128)
 
 Everything but :data:`PRESETS` is imported on first use (PEP 562), so the config loader can

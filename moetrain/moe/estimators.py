@@ -64,6 +64,9 @@ class Estimator(nn.Module):
     """
 
     dense: ClassVar[bool] = False
+    #: Accepts ``selection_bias`` (aux-loss-free balancing): a per-expert bias added to the
+    #: probabilities for choosing experts only; the combine weights stay unbiased.
+    supports_selection_bias: ClassVar[bool] = False
     input_jitter_eps: float = 0.0
 
     def __init__(self, num_experts: int, top_k: int = 1, **unused):
@@ -129,6 +132,13 @@ def _jitter_logits(logits: Tensor, noise: RoutingNoise, eps: float) -> Tensor:
     return logits * (1.0 - eps + 2.0 * eps * u)
 
 
+def _biased(probs: Tensor, selection_bias: Tensor | None) -> Tensor:
+    """The scores experts are chosen by: ``p + b`` (no gradient: choice is not differentiated)."""
+    if selection_bias is None:
+        return probs
+    return probs.detach() + selection_bias.to(probs.dtype)
+
+
 def _first_choice_weight(probs: Tensor, ids: Tensor) -> Tensor:
     return probs.gather(-1, ids)
 
@@ -175,8 +185,11 @@ class SwitchEstimator(Estimator):
     The router gradient flows only through the gate value ``p_D``. Jitter is a
     flag: ``"input"`` multiplies the router input (Switch paper, HF, DeepSpeed),
     ``"logits"`` multiplies the logits (the SparseMixer paper's baseline),
-    ``"none"`` turns it off.
+    ``"none"`` turns it off. With a ``selection_bias`` b the expert is ``argmax(p + b)`` and the
+    gate stays ``p_D`` (DeepSeek-V3's aux-loss-free balancing on softmax scores).
     """
+
+    supports_selection_bias = True
 
     def __init__(self, num_experts: int, top_k: int = 1, jitter_eps: float = 0.1, jitter_mode: str = "input", **unused):
         super().__init__(num_experts, top_k)
@@ -188,11 +201,11 @@ class SwitchEstimator(Estimator):
         self.jitter_mode = jitter_mode
         self.input_jitter_eps = jitter_eps if jitter_mode == "input" else 0.0
 
-    def forward(self, logits: Tensor, noise: RoutingNoise, training: bool) -> Routing:
+    def forward(self, logits: Tensor, noise: RoutingNoise, training: bool, selection_bias: Tensor | None = None) -> Routing:
         if training and self.jitter_mode == "logits" and self.jitter_eps > 0:
             logits = _jitter_logits(logits, noise, self.jitter_eps)
         probs = logits.softmax(dim=-1)
-        ids = probs.argmax(dim=-1, keepdim=True)
+        ids = _biased(probs, selection_bias).argmax(dim=-1, keepdim=True)
         return Routing(ids, _first_choice_weight(probs, ids), probs, ids[:, 0])
 
 
@@ -202,8 +215,10 @@ class TopKEstimator(Estimator):
 
     With ``top_k=1`` the renormalised weight is always 1, so the router learns
     only from the balance and z losses; use ``switch`` for top-1. Jitter modes
-    as for ``switch``.
+    and ``selection_bias`` as for ``switch`` (the weights renormalise the unbiased p).
     """
+
+    supports_selection_bias = True
 
     def __init__(self, num_experts: int, top_k: int = 2, jitter_eps: float = 0.0, jitter_mode: str = "none", **unused):
         super().__init__(num_experts, top_k)
@@ -212,11 +227,12 @@ class TopKEstimator(Estimator):
         self.jitter_mode = jitter_mode
         self.input_jitter_eps = jitter_eps if jitter_mode == "input" else 0.0
 
-    def forward(self, logits: Tensor, noise: RoutingNoise, training: bool) -> Routing:
+    def forward(self, logits: Tensor, noise: RoutingNoise, training: bool, selection_bias: Tensor | None = None) -> Routing:
         if training and self.jitter_mode == "logits" and self.jitter_eps > 0:
             logits = _jitter_logits(logits, noise, self.jitter_eps)
         probs = logits.softmax(dim=-1)
-        top_probs, ids = probs.topk(self.top_k, dim=-1)
+        ids = _biased(probs, selection_bias).topk(self.top_k, dim=-1).indices
+        top_probs = probs.gather(-1, ids)
         weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
         return Routing(ids, weights, probs, ids[:, 0])
 

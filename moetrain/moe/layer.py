@@ -26,6 +26,7 @@ import torch
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import Tensor, nn
 
+from .balance import GlobalBalance
 from .dispatch import AllToAllDispatcher, LocalDispatcher, expert_capacity
 from .estimators import build_estimator
 from .experts import ExpertContainer, LocalExperts
@@ -82,6 +83,12 @@ class MoELayer(DeepSpeedMoE):
         layer_id: distinct id per MoE layer in a model (keys noise and init).
         noise_seed: seed of the routing noise.
         init_seed: seed of the expert initialisation.
+        balance_scope: ``"micro_batch"`` (the Switch loss on this rank's tokens) or ``"global"``
+            (token fractions over every rank's tokens of the optimizer step:
+            :class:`~moetrain.moe.balance.GlobalBalance`).
+        aux_free: keep an expert-selection bias ``selection_bias`` (aux-loss-free balancing) that
+            :func:`~moetrain.moe.balance.update_selection_bias` moves after each optimizer step.
+        bias_update_rate: that update's step size.
         estimator_kwargs: extra keyword arguments for a custom estimator.
     """
 
@@ -104,6 +111,9 @@ class MoELayer(DeepSpeedMoE):
         layer_id: int = 0,
         noise_seed: int = 0,
         init_seed: int = 0,
+        balance_scope: str = "micro_batch",
+        aux_free: bool = False,
+        bias_update_rate: float = 1e-3,
         estimator_kwargs: dict | None = None,
     ):
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate and experts.
@@ -147,6 +157,21 @@ class MoELayer(DeepSpeedMoE):
             param.group_name = self.expert_group_name
         self.dispatcher: LocalDispatcher = LocalDispatcher(num_experts)
 
+        if balance_scope not in ("micro_batch", "global"):
+            raise ValueError(f"balance_scope must be 'micro_batch' or 'global', got {balance_scope!r}")
+        self.global_balance = GlobalBalance(num_experts) if balance_scope == "global" else None
+        if aux_free and not self.estimator.supports_selection_bias:
+            raise ValueError(f"aux-loss-free balancing needs an estimator that takes a selection bias "
+                             f"(switch, topk); {estimator!r} does not")
+        # Buffers only when used, so models without aux-free balancing keep their state-dict keys.
+        self.bias_update_rate = bias_update_rate
+        # No "expert" in these names: DeepSpeed's engine files every MoE-module key containing
+        # "expert" as an expert parameter (per-expert checkpoint files) and fails on a bias.
+        self.register_buffer("selection_bias", torch.zeros(num_experts) if aux_free else None)
+        self.register_buffer("selection_counts", torch.zeros(num_experts, dtype=torch.int64) if aux_free else None,
+                             persistent=False)
+        self.count_loads = True  # False for a replayed weight-0 micro-batch (set_routing_step)
+
     @classmethod
     def from_config(cls, moe_cfg, d_model: int, d_ff: int, *, dropout: float = 0.0, ep_size: int = 1,
                     layer_id: int = 0, noise_seed: int = 0, init_seed: int = 0) -> "MoELayer":
@@ -156,7 +181,8 @@ class MoELayer(DeepSpeedMoE):
                    capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
                    min_capacity=moe_cfg.min_capacity, jitter_eps=moe_cfg.jitter_eps, jitter_mode=moe_cfg.jitter_mode,
                    temperature=moe_cfg.temperature, dropout=dropout, ep_size=ep_size, layer_id=layer_id,
-                   noise_seed=noise_seed, init_seed=init_seed)
+                   noise_seed=noise_seed, init_seed=init_seed, balance_scope=moe_cfg.balance_scope,
+                   aux_free="aux_free" in moe_cfg.balance.split("+"), bias_update_rate=moe_cfg.bias_update_rate)
 
     # -- distribution -----------------------------------------------------------------
 
@@ -209,7 +235,8 @@ class MoELayer(DeepSpeedMoE):
         noise = RoutingNoise(self.noise_seed, self.routing_step, self.layer_id, token_ids)
         jitter = self.estimator.input_jitter_eps if self.training else 0.0
         logits = self.router(x_flat, noise, jitter)
-        routing = self.estimator(logits, noise, self.training)
+        bias = {} if self.selection_bias is None else {"selection_bias": self.selection_bias}
+        routing = self.estimator(logits, noise, self.training, **bias)
 
         dense = self.estimator.dense and self.training
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -219,6 +246,9 @@ class MoELayer(DeepSpeedMoE):
         rows, counts = self.dispatcher.dispatch(x_flat, plan)
         out_rows = self.dispatcher.undispatch(self.experts(rows, counts), plan)
         y = self.dispatcher.combine(out_rows, routing.weights, plan, routing.channel_scale)
+        if self.selection_counts is not None and self.training and self.count_loads:
+            chosen = routing.expert_ids if valid is None else routing.expert_ids[valid]
+            self.selection_counts += torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
         return y.reshape(shape), self._stats(logits, routing, plan, valid)
 
     def _stats(self, logits, routing, plan, valid) -> MoEStats:
@@ -231,8 +261,15 @@ class MoELayer(DeepSpeedMoE):
             counts = torch.bincount(balance_ids, minlength=self.num_experts)
         kept = plan.counts.sum()
         dropped = (1.0 - kept / max(plan.num_routes, 1)) if plan.num_routes else logits.new_zeros(())
+        if self.global_balance is not None and self.training:
+            if not self.count_loads:  # a replayed filler batch: in the collective, not in f
+                balance_ids = balance_ids[:0]
+                probs = probs[:0]
+            balance = self.global_balance.loss(probs, balance_ids)
+        else:
+            balance = balance_loss(probs, balance_ids, self.num_experts)
         return MoEStats(
-            balance_loss=balance_loss(probs, balance_ids, self.num_experts),
+            balance_loss=balance,
             z_loss=z_loss(logits),
             tokens_per_expert=counts.detach(),
             dropped_fraction=torch.as_tensor(dropped, dtype=torch.float32).detach(),
@@ -248,11 +285,23 @@ def _default_ep_rank(ep_size: int) -> int:
     return torch.distributed.get_rank() % ep_size
 
 
-def set_routing_step(model: nn.Module, step: int) -> None:
-    """Tell every MoE layer in ``model`` which training step it is (keys the noise)."""
+def set_routing_step(model: nn.Module, step: int, optimizer_step: int | None = None,
+                     count_loads: bool = True) -> None:
+    """Tell every MoE layer in ``model`` where training is.
+
+    Args:
+        step: the micro-batch counter (keys the routing noise).
+        optimizer_step: the optimizer step this micro-batch belongs to: global-batch balance
+            sums expert loads over its micro-batches. None = each micro-batch stands alone.
+        count_loads: False for a micro-batch whose loss weight is 0 (a rank out of data replays
+            its last batch): it still joins the collectives but its tokens count nowhere.
+    """
     for module in model.modules():
         if isinstance(module, MoELayer):
             module.routing_step = step
+            module.count_loads = count_loads
+            if module.global_balance is not None:
+                module.global_balance.start(optimizer_step)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -32,16 +32,24 @@ class Router(nn.Module):
         return F.linear(x32, self.classifier.weight.to(dtype))
 
 
-def balance_loss(probs: Tensor, balance_ids: Tensor, num_experts: int) -> Tensor:
+def balance_loss(probs: Tensor, balance_ids: Tensor, num_experts: int, fraction: Tensor | None = None,
+                 prob_scale: float | Tensor | None = None) -> Tensor:
     """Switch load balancing ``N * sum_i f_i * P_i`` over the given (non-padding) tokens.
 
     ``f_i``: fraction of tokens whose first choice (before capacity) is i, no
     gradient; ``P_i``: mean router probability of i. Equals 1 at perfect balance.
+
+    The global-batch form (:class:`GlobalBalance`) passes ``fraction`` counted over every rank
+    and micro-batch, and ``prob_scale`` = world size / global token count in place of
+    1 / local token count, so that the ranks' mean of this loss is the global-batch loss.
     """
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    fraction = torch.bincount(balance_ids, minlength=num_experts).to(probs.dtype) / probs.shape[0]
-    return num_experts * torch.sum(fraction * probs.mean(dim=0))
+    if fraction is None:
+        fraction = torch.bincount(balance_ids, minlength=num_experts).to(probs.dtype) / probs.shape[0]
+    if prob_scale is None:
+        prob_scale = 1.0 / probs.shape[0]
+    return num_experts * torch.sum(fraction.to(probs.dtype) * probs.sum(dim=0) * prob_scale)
 
 
 def z_loss(logits: Tensor) -> Tensor:

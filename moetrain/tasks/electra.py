@@ -220,7 +220,7 @@ class ElectraTask(Task):
         keep = batch["rtd_mask"].bool()
         mlm = F.cross_entropy(out.mlm_logits, out.mlm_labels) if out.mlm_labels.numel() else out.mlm_logits.sum()
         rtd = F.binary_cross_entropy_with_logits(out.rtd_logits[keep], out.rtd_labels[keep])
-        aux, aux_logs = moe_aux_loss(out.moe_stats, self.cfg.moe.balance_coef, self.cfg.moe.z_coef)
+        aux, aux_logs = moe_aux_loss(out.moe_stats, self.cfg.moe.balance_loss_weight, self.cfg.moe.z_coef)
         loss = mlm + self.e.rtd_weight * rtd + aux
         counts = _rtd_counts(out, keep)
         logs = {"mlm_loss": float(mlm.detach()), "rtd_loss": float(rtd.detach()), **_rtd_rates(counts), **aux_logs}

@@ -190,7 +190,7 @@ def finetune_seed(start: StartPoint, spec: GlueTaskSpec, train, dev, g, seed: in
             set_routing_step(model, step)
             logits, stats = model(ids, mask, torch.as_tensor(rows + epoch * len(seqs), device=device))
             ce = F.cross_entropy(logits, torch.as_tensor(labels[rows], device=device))
-            aux, _ = moe_aux_loss(stats, moe.balance_coef, moe.z_coef)
+            aux, _ = moe_aux_loss(stats, moe.balance_loss_weight, moe.z_coef)
             loss = ce + aux
             opt.zero_grad(set_to_none=True)
             loss.backward()

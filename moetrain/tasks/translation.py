@@ -124,7 +124,7 @@ class TranslationTask(Task):
     def _moe_aux_loss(self, moe_stats):
         from moetrain.models import moe_aux_loss
 
-        return moe_aux_loss(moe_stats, self.cfg.moe.balance_coef, self.cfg.moe.z_coef)
+        return moe_aux_loss(moe_stats, self.cfg.moe.balance_loss_weight, self.cfg.moe.z_coef)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dp_rank: int = 0, dp_world: int = 1) -> dict[str, float]:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config import RunConfig
-from moetrain.moe import moe_layers, set_routing_step
+from moetrain.moe import moe_layers, set_routing_step, update_selection_bias
 from moetrain.tasks import Task, build_task
 
 from moetrain.checkpoint_format import TrainerState, resolve_resume
@@ -102,7 +102,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                 batch, weight = batches.next()
                 if batch is None:
                     break  # no rank has data left
-                set_routing_step(engine.module, state.data_position)
+                set_routing_step(engine.module, state.data_position, optimizer_step=state.step, count_loads=bool(weight))
                 out = run.task.loss(engine, batch)
                 engine.backward(out.loss if weight else out.loss * 0.0)
                 lr = engine.get_lr()[0]
@@ -114,6 +114,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                 if weight:
                     window.add(out, out.num_samples)
             else:
+                update_selection_bias(engine.module)  # the optimizer stepped: aux-free balancing (no-op without)
                 state.step += 1
                 run.logger.advance(state.step)
             state.train_seconds = clock.seconds()

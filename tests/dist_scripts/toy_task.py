@@ -71,7 +71,8 @@ class ToyTask(Task):
             num_experts=moe.num_experts, estimator=moe.estimator, top_k=moe.top_k,
             capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
             jitter_eps=moe.jitter_eps, ep_size=ep_size, noise_seed=self.cfg.train.seed,
-            init_seed=self.cfg.train.seed), dropout=m.dropout_rate)
+            init_seed=self.cfg.train.seed, balance_scope=moe.balance_scope, aux_free="aux_free" in moe.balance,
+            bias_update_rate=moe.bias_update_rate), dropout=m.dropout_rate)
         if self.unmark_experts:
             for layer in model.layers:
                 for p in layer.experts.parameters():
@@ -105,7 +106,7 @@ class ToyTask(Task):
         target = (batch["input_ids"] * 3 + 1) % self.cfg.model.vocab_size  # a learnable rule
         ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
         moe = self.cfg.moe
-        loss = ce + moe.balance_coef * sum(s.balance_loss for s in stats) + moe.z_coef * sum(s.z_loss for s in stats)
+        loss = ce + moe.balance_loss_weight * sum(s.balance_loss for s in stats) + moe.z_coef * sum(s.z_loss for s in stats)
         return LossOutput(loss, target.numel(), len(batch["input_ids"]), {"ce": float(ce.detach())}, stats)
 
     def evaluate(self, model, dp_rank: int = 0, dp_world: int = 1) -> dict[str, float]:
@@ -146,6 +147,6 @@ class Seq2SeqToyTask(ToyTask):
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
         moe = self.cfg.moe
         stats = out.moe_stats
-        aux = moe.balance_coef * sum(s.balance_loss for s in stats) + moe.z_coef * sum(s.z_loss for s in stats)
+        aux = moe.balance_loss_weight * sum(s.balance_loss for s in stats) + moe.z_coef * sum(s.z_loss for s in stats)
         return LossOutput(ce + aux, batch["labels"].numel(), len(batch["input_ids"]), {"ce": float(ce.detach())},
                           out.moe_stats)
