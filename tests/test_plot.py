@@ -113,7 +113,8 @@ def test_tensorboard_gets_router_health_and_the_load_histogram(tmp_path):
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("plot") / "tiny"
-    argv = [sys.executable, "-m", "moetrain.cli", "train", str(REPO / "configs" / "tiny.yaml"), "--output-dir", str(out),
+    argv = [sys.executable, "-m", "moetrain.cli", "train", str(REPO / "configs" / "tiny.yaml"),
+            "--output-dir", str(out),
             "--set", "train.max_steps=4", "train.log_every=1", "train.eval_every=0", "train.save_every=4",
             "export.after_train=false"]
     proc = subprocess.run(["timeout", "-s", "KILL", "300", *argv], cwd=REPO, capture_output=True, text=True,
@@ -181,7 +182,8 @@ def test_several_runs_need_out(real_run, tmp_path, capsys):
     run, _ = real_run
     assert cli.main(["plot", str(run), str(logged_run(tmp_path / "b"))]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "moetrain plot: --out DIR is required with 2 run directories (the default, RUN_DIR/plots, is for one run)"
+    assert err == ("moetrain plot: --out DIR is required with 2 run directories "
+                   "(the default, RUN_DIR/plots, is for one run)")
     assert not (tmp_path / "b" / "plots").exists()
 
 
@@ -244,5 +246,6 @@ def test_without_matplotlib_training_prints_one_warning(tmp_path, monkeypatch, c
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if it were not installed
     plot_after_training(run)
     out = capsys.readouterr().out
-    assert out.splitlines()[-1] == "moetrain: warning: no plots: matplotlib is not installed (pip install 'matplotlib>=3.7')"
+    assert out.splitlines()[-1] == ("moetrain: warning: no plots: matplotlib is not installed "
+                                    "(pip install 'matplotlib>=3.7')")
     assert not (run / "plots").exists()
