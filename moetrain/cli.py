@@ -4,6 +4,7 @@
     moetrain evaluate  CHECKPOINT ...  moetrain translate CHECKPOINT ...
     moetrain export    CHECKPOINT ...  moetrain finetune  CONFIG ...
     moetrain config    CONFIG [--set key=value ...]      # print the resolved config
+    moetrain plot      RUN_DIR [RUN_DIR ...] [--out DIR]  # PNG figures of metrics.jsonl
     moetrain bench moe-layer [--experts 8 32 128] [--json FILE] ...
 
 This module only registers commands; what each one does is in :mod:`moetrain.commands`
@@ -34,6 +35,7 @@ from moetrain.commands.bench import add_bench_arguments, main_bench
 from moetrain.commands.common import add_run_arguments, work_command
 from moetrain.commands.export import add_export_arguments, main_export
 from moetrain.commands.finetune import main_finetune
+from moetrain.commands.plot import add_plot_arguments, main_plot
 from moetrain.commands.print_config import add_config_arguments, main_config
 from moetrain.commands.train import main_train
 from moetrain.commands.translation import add_evaluate_arguments, add_translate_arguments, main_evaluate, main_translate
@@ -104,6 +106,11 @@ register_command(
     "Load a recipe exactly as `train` would (preset, file, --set overrides, validation) "
     "and print the resolved config as YAML. Nothing is created.",
     add_config_arguments, main_config)
+register_command(
+    "plot", "PNG figures of runs' metrics.jsonl",
+    "Draw loss, eval metrics, learning rate, tokens/s and one expert-load heatmap per MoE layer from "
+    "each run's metrics.jsonl as PNG files. Several runs overlay their curves (one line per run).",
+    add_plot_arguments, main_plot)
 register_command(
     "bench", "micro-benchmarks",
     "Micro-benchmarks of moetrain's building blocks on the current device.",

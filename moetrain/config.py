@@ -353,6 +353,11 @@ class TrainConfig:
     keep_last: int = 3
     """Checkpoints kept on disk (older ones are deleted); 0 = keep all."""
 
+    plot: bool = True
+    """At the end of the run, draw metrics.jsonl as PNG figures into ``<run dir>/plots/`` (loss,
+    eval metrics, lr, tokens/s, expert-load heatmaps; ``moetrain plot``), so a finished run can be
+    judged without TensorBoard. A plot that fails is a warning line, never a failed run."""
+
     beam_size: int = 4
     """Beam width for evaluation and translation."""
 

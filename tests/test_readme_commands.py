@@ -154,6 +154,7 @@ PLAN: dict[str, Check] = {
     "--output-dir runs/electra-small": Check("config", "needs 8 GPUs and Wikipedia from the Hub", ranks=8),
     "moetrain export runs/demo --out hf/demo --verify": Check("run", expect="max |moetrain - HF|"),
     "moetrain bench moe-layer --json bench.json": Check("run", extra=("--quick",)),
+    "moetrain plot runs/demo": Check("run", expect="runs/demo/plots/expert_load_encoder.layers.1.ffn.png"),
     "moetrain bench train --config configs/tiny.yaml":
         Check("skip", "two DeepSpeed launches (1 and 2 ranks, ~1 minute); tests/test_launch.py runs the benchmark "
                       "(marked slow); its --help is checked with the synopsis"),
@@ -231,8 +232,11 @@ def test_readme_sample_output_is_the_real_one(command, shown, tmp_path):
 def scratch(tmp_path_factory) -> Path:
     """A working directory with ``configs/`` and stand-ins for the runs the README names:
     ``runs/demo`` and ``runs/wmt14-sm`` (tiny untrained translation runs; the latter with 5
-    checkpoints for ``--average-last 5``), ``news.en``, and ``../shared`` when the data is there."""
+    checkpoints for ``--average-last 5``; the former with two logged steps and an evaluation in
+    its metrics.jsonl), ``news.en``, and ``../shared`` when the data is there."""
     from checkpoint_fixture import write_checkpoint
+
+    from moetrain.train.metrics import MetricsLogger
 
     root = tmp_path_factory.mktemp("readme") / "repo"
     root.mkdir()
@@ -240,6 +244,13 @@ def scratch(tmp_path_factory) -> Path:
     if SHARED.is_dir():  # the recipes' ../shared/data/... paths, as from the repository root
         (root.parent / "shared").symlink_to(SHARED.parent)
     write_checkpoint(root / "runs" / "demo")
+    log = MetricsLogger(root / "runs" / "demo", is_main=True, max_steps=2, start_step=0,
+                        layer_names=["encoder.layers.1.ffn"])
+    for step in (1, 2):
+        log.log_train(step, {"loss": 3.0 / step, "lr": 1e-3, "tokens_per_second": 100.0, "moe": [
+            {"load": [0.75, 0.25], "dropped_fraction": 0.0, "router_entropy": 0.6, "balance_loss": 1.0, "z_loss": 2.0}]})
+    log.log_eval(2, {"loss": 1.4, "bleu": 3.5})
+    log.close()
     wmt = root / "runs" / "wmt14-sm"
     write_checkpoint(wmt)
     ckpts = wmt / "checkpoints"

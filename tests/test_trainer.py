@@ -244,16 +244,24 @@ def test_task_registries_agree():
         tasks.task_class("glue")
 
 
-def test_resumed_logger_shows_each_step_once_in_tensorboard(tmp_path):
+def test_resumed_logger_shows_each_step_once_in_tensorboard(tmp_path, monkeypatch):
     """A run that logged steps 1-4 and resumes from its step-2 checkpoint: TensorBoard (and
     metrics.jsonl) show steps 1-4 once, with the resumed run's values for 3 and 4."""
+    import time
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = MetricsLogger(tmp_path, is_main=True, max_steps=4, start_step=0)
     for step in range(1, 5):
         first.log_train(step, {"loss": float(step), "tokens_per_second": 1.0, "lr": 0.1})
     first.close()
-    resumed = MetricsLogger(tmp_path, is_main=True, max_steps=4, start_step=2, resumed=True)
+    # A resume is a later process, so its event file (events.out.tfevents.<second>.<host>.<pid>.<n>)
+    # sorts after the first run's. Here both may share a second, and then the per-process writer
+    # count n decides: as text, .10 sorts before .9 once 9 writers came before in this process.
+    later = time.time() + 2
+    with monkeypatch.context() as patch:
+        patch.setattr(time, "time", lambda: later)
+        resumed = MetricsLogger(tmp_path, is_main=True, max_steps=4, start_step=2, resumed=True)
     for step in (3, 4):
         resumed.log_train(step, {"loss": 10.0 + step, "tokens_per_second": 1.0, "lr": 0.1})
     resumed.close()

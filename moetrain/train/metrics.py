@@ -5,13 +5,16 @@ Three sinks, all on rank 0:
 * ``<run dir>/metrics.jsonl``: one JSON object per logged step (``"type": "train"``) and per
   evaluation (``"type": "eval"``). Train records hold at least ``step``, ``loss``, ``lr``,
   ``tokens_per_second``; also ``grad_norm``, ``samples_per_second``, ``mfu``, the task's own
-  logs and, per MoE layer, ``moe: [{layer, load, dropped_fraction, router_entropy,
-  balance_loss, z_loss}]``. Appended to, so a resumed run continues the same file; on resume the
+  logs and, per MoE layer, ``moe: [{layer, load, max_load, mean_load, max_load_ratio,
+  dead_experts, dropped_fraction, router_entropy, balance_loss, z_loss}]`` (router health, see
+  :func:`_layer_record`). Appended to, so a resumed run continues the same file; on resume the
   records past the restored step (written after that checkpoint by the run that stopped, and about
   to be replayed) are dropped first, so every step appears once (:func:`drop_records_after`).
 * ``<run dir>/tensorboard/``: the same numbers as scalars (``train/*``, ``eval/*``,
-  ``moe/<layer>/*``) plus a histogram of each layer's expert load; a resumed run writes a purge
-  marker at the restored step, so TensorBoard drops the stopped run's later events.
+  ``moe/<layer>/*``; ``max_load_ratio`` is ``load_max_x_uniform`` there) plus a histogram of each
+  layer's expert load fractions (one value per expert: all at 1/E is perfect balance, a spike at 0
+  is dead experts); a resumed run writes a purge marker at the restored step, so TensorBoard drops
+  the stopped run's later events.
 * a tqdm progress bar (loss, tokens/s, lr, ETA, expert load) when stderr is a terminal,
   else one plain line per logged step (launcher logs stay readable).
 
@@ -112,13 +115,31 @@ def _merge_windows(parts: list[dict]) -> dict[str, Any]:
                 for key, value in acc.items():
                     moe[i][key] = moe[i][key] + value
     means = {k: v / max(weight, 1) for k, v in sums.items()}
-    layers = []
-    for acc in moe:
-        m = max(acc["tokens"], 1)
-        load = acc["load"].double()
-        layers.append({"load": (load / load.sum().clamp(min=1)).tolist(),
-                       **{k: acc[k] / m for k in ("balance_loss", "z_loss", "router_entropy", "dropped_fraction")}})
-    return {"means": means, "tokens": tokens, "samples": samples, "moe": layers}
+    return {"means": means, "tokens": tokens, "samples": samples, "moe": [_layer_record(acc) for acc in moe]}
+
+
+def _layer_record(acc: dict[str, Any]) -> dict[str, Any]:
+    """One MoE layer's router health over a logging window, from its sums over every rank.
+
+    * ``load``: fraction of the window's processed routes each expert took (sums to 1);
+    * ``max_load`` / ``mean_load``: the largest and the mean of those fractions (the mean is 1/E
+      whenever anything was routed, so the pair reads without knowing E);
+    * ``max_load_ratio``: ``max_load / mean_load``, the busiest expert as a multiple of a uniform
+      share (1.0 is perfect balance; the progress bar's ``max_load 1.00x``; 0 if nothing was routed);
+    * ``dead_experts``: experts that processed no route in the whole window on any rank. Counted
+      here, from the token counts summed over micro-batches and ranks: an expert idle on one rank
+      or in one micro-batch is normal, idle everywhere for a window is a collapsed router.
+    * ``dropped_fraction``, ``router_entropy``, ``balance_loss``, ``z_loss``: token-weighted means.
+    """
+    m = max(acc["tokens"], 1)
+    counts = acc["load"].double()
+    load = counts / counts.sum().clamp(min=1)
+    max_load = float(load.max()) if load.numel() else 0.0
+    mean_load = float(load.mean()) if load.numel() else 0.0
+    return {"load": load.tolist(), "max_load": max_load, "mean_load": mean_load,
+            "max_load_ratio": max_load / mean_load if mean_load > 0 else 0.0,
+            "dead_experts": int((counts == 0).sum()),
+            **{k: acc[k] / m for k in WindowStats._MOE_KEYS}}
 
 
 def flops_per_token(model: nn.Module, top_k: int | None = None) -> float:
@@ -266,8 +287,10 @@ class MetricsLogger:
     def _tb_layer(self, layer: dict[str, Any], step: int) -> None:
         prefix = f"moe/{layer['layer']}"
         load = torch.tensor(layer["load"])
-        for key in ("dropped_fraction", "router_entropy", "balance_loss", "z_loss"):
-            self.tb.add_scalar(f"{prefix}/{key}", layer[key], step)
+        for key in ("dropped_fraction", "router_entropy", "balance_loss", "z_loss", "max_load", "mean_load",
+                    "dead_experts"):
+            if layer.get(key) is not None:  # records written by hand (tests, old code) may lack some
+                self.tb.add_scalar(f"{prefix}/{key}", layer[key], step)
         if load.numel():
             self.tb.add_scalar(f"{prefix}/load_max_x_uniform", float(load.max() * load.numel()), step)
             self.tb.add_scalar(f"{prefix}/load_min_x_uniform", float(load.min() * load.numel()), step)

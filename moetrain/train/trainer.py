@@ -45,6 +45,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, build_engine, init_distributed
 from .metrics import MetricsLogger, WindowStats, flops_per_token, peak_flops
 from .optim import clip_stage0_gradients
+from .plots import plot_after_training
 
 __all__ = ["train", "setup", "Run"]
 
@@ -73,7 +74,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
         cfg: the run config (``train`` and ``parallel`` drive the engine).
         out_dir: run directory: metrics.jsonl, tensorboard/, checkpoints/.
         task: a task object; default ``build_task(cfg, out_dir)``.
-        save: write checkpoints (False for benchmarks).
+        save: write checkpoints and (``train.plot``) plots; False for benchmarks.
 
     Returns:
         The final :class:`TrainerState` (step, data position, best metric).
@@ -145,6 +146,8 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                        f"  tensorboard  tensorboard --logdir {run.out_dir / 'tensorboard'}"
                        + (f"\n  checkpoint   {saved}" if saved is not None else ""))
     run.logger.close()
+    if t.plot and save and run.info.is_main and not batches.stopping:  # a stopped run exits promptly
+        plot_after_training(run.out_dir)  # never raises: a figure is not worth a failed run
     return state
 
 
