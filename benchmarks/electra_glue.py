@@ -109,8 +109,10 @@ def pretrain(args, out: Path, shared: Path):
     from moetrain.checkpoint_format import TrainerState, list_checkpoints
 
     # The step of the final checkpoint (train records are logged only every train.log_every steps).
-    steps = TrainerState.from_json(list_checkpoints(run / "checkpoints")[-1] / "trainer_state.json").step
-    return run, {"seconds": time.perf_counter() - t0, "steps": steps, "first_train": first, "final_eval": final}
+    state = TrainerState.from_json(list_checkpoints(run / "checkpoints")[-1] / "trainer_state.json")
+    # Training seconds summed over every invocation (a resumed or finished run adds little here).
+    return run, {"seconds": state.train_seconds, "wall_seconds_this_call": time.perf_counter() - t0,
+                 "steps": state.step, "first_train": first, "final_eval": final}
 
 
 def finetune_all(args, out: Path, shared: Path, starts: dict[str, Path | None]) -> dict:

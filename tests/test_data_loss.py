@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 #: A few quick steps: save every 2, keep everything, no export, evaluation only at the end.
 QUICK = ["train.max_steps=4", "train.save_every=2", "train.keep_last=0", "train.eval_every=0", "train.log_every=1",
+         "train.plot=false",
          "export.after_train=false"]
 
 
