@@ -2,13 +2,14 @@
 
     moetrain bench moe-layer [--experts 8 32 128] [--json FILE] ...
     moetrain bench train --config configs/tiny.yaml [--steps 20] ...
+    moetrain bench estimator-quality CHECKPOINT_OR_CONFIG [--layer NAME] [--batches N] ...
 """
 
 from __future__ import annotations
 
 import argparse
 
-from moetrain.bench import moe_layer_options, train_options
+from moetrain.bench import estimator_quality_options, moe_layer_options, train_options
 
 __all__ = ["add_bench_arguments", "main_bench"]
 
@@ -28,6 +29,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                     "and print tokens/s and the scaling ratio.")
     train_options.add_arguments(train)
     train.set_defaults(bench_run=_run_train)
+    quality = targets.add_parser(
+        "estimator-quality", help="router-gradient cosine / relative error of each estimator vs the exact gradient",
+        description="On real batches, compare each estimator's router-logit gradient for one MoE layer with the "
+                    "exact gradient of the expected layer output (all experts evaluated; docs/estimators.md, "
+                    "'Gradient quality').")
+    estimator_quality_options.add_arguments(quality)
+    quality.set_defaults(bench_run=_run_estimator_quality)
 
 
 def main_bench(args: argparse.Namespace) -> int | None:
@@ -42,5 +50,11 @@ def _run_moe_layer(args: argparse.Namespace) -> int | None:
 
 def _run_train(args: argparse.Namespace) -> int | None:
     from moetrain.bench.train import main
+
+    return main(args)
+
+
+def _run_estimator_quality(args: argparse.Namespace) -> int | None:
+    from moetrain.bench.estimator_quality import main
 
     return main(args)
