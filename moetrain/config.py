@@ -347,6 +347,12 @@ class TrainConfig:
     eval_every: int = 500
     """Steps between validations (loss and BLEU); 0 = only at the end."""
 
+    grad_quality_every: int = 0
+    """Every N steps, compare the top-1 estimators' router gradients with the exact gradient on the
+    first MoE layer, on rank 0's first micro-batch of the step, and write a ``grad_quality`` record
+    to metrics.jsonl (docs/estimators.md, "Gradient quality"); 0 = off. Needs every expert on one
+    rank: skipped with a warning under ``parallel.ep_size`` > 1."""
+
     save_every: int = 1000
     """Steps between checkpoints; 0 = only at the end."""
 
@@ -878,7 +884,7 @@ def _check_train(t: TrainConfig, require: Callable[[bool, str, str], None]) -> N
     require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 = off), got {t.grad_clip}")
     for key in ("grad_accum_steps", "log_every", "beam_size", "max_decode_length"):
         require(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "save_every", "keep_last"):
+    for key in ("eval_every", "save_every", "keep_last", "grad_quality_every"):
         require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     require(t.length_penalty >= 0, "train.length_penalty", f"must be >= 0, got {t.length_penalty}")
     require(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes",

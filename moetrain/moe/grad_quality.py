@@ -195,6 +195,7 @@ def compare_estimators(layer: nn.Module, capture: Capture, estimators: dict[str,
     exact = exact_gradient(logits, scores)
     table = {}
     for name, est in estimators.items():
+        est.to(logits.device)
         grads = []
         for k in range(draws):
             noise = RoutingNoise(layer.noise_seed + _NOISE_SEED_OFFSET, step * draws + k, layer.layer_id, token_ids)

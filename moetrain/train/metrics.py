@@ -7,7 +7,8 @@ Three sinks, all on rank 0:
   ``tokens_per_second``; also ``grad_norm``, ``samples_per_second``, ``mfu``, the task's own
   logs and, per MoE layer, ``moe: [{layer, load, max_load, mean_load, max_load_ratio,
   dead_experts, dropped_fraction, router_entropy, balance_loss, z_loss}]`` (router health, see
-  :func:`_layer_record`). Appended to, so a resumed run continues the same file; on resume the
+  :func:`_layer_record`). With ``train.grad_quality_every`` also ``"type": "grad_quality"`` records
+  (``step``, ``layer``, ``estimators: {name: {cosine, rel_error, ...}}``). Appended to, so a resumed run continues the same file; on resume the
   records past the restored step (written after that checkpoint by the run that stopped, and about
   to be replayed) are dropped first, so every step appears once (:func:`drop_records_after`).
 * ``<run dir>/tensorboard/``: the same numbers as scalars (``train/*``, ``eval/*``,
@@ -256,6 +257,11 @@ class MetricsLogger:
                 if isinstance(value, (int, float)):
                     self.tb.add_scalar(f"eval/{key}", value, step)
         self.message(f"eval step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Any other record (e.g. ``"type": "grad_quality"``), to metrics.jsonl only."""
+        if self.is_main:
+            self._write(record)
 
     def advance(self, step: int) -> None:
         """The bar shows ``step`` optimizer steps done."""

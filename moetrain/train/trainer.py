@@ -43,6 +43,7 @@ from moetrain.checkpoint_format import TrainerState, resolve_resume
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, build_engine, init_distributed
+from .grad_quality import GradQualityProbe
 from .metrics import MetricsLogger, WindowStats, flops_per_token, peak_flops
 from .optim import clip_stage0_gradients
 from .plots import plot_after_training
@@ -95,6 +96,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
     window, flops = WindowStats(), flops_per_token(engine.module)
     saved, own = None, set()  # own: checkpoints this run wrote (pruning leaves newer ones of earlier runs alone)
     lr, grad_norm = engine.get_lr()[0], None
+    probe = GradQualityProbe(cfg, engine.module, run.info.is_main, run.logger)  # train.grad_quality_every
     engine.train()
     with _stop_on_sigterm(batches):
         while state.step < t.max_steps and not (batches.exhausted or batches.stopping or batches.out_of_time):
@@ -104,8 +106,9 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                 if batch is None:
                     break  # no rank has data left
                 set_routing_step(engine.module, state.data_position, optimizer_step=state.step, count_loads=bool(weight))
-                out = run.task.loss(engine, batch)
-                engine.backward(out.loss if weight else out.loss * 0.0)
+                with probe.watch(state.step + 1, weight):
+                    out = run.task.loss(engine, batch)
+                    engine.backward(out.loss if weight else out.loss * 0.0)
                 lr = engine.get_lr()[0]
                 if not engine.zero_optimization() and engine.is_gradient_accumulation_boundary() \
                         and (logging or t.grad_clip > 0):
@@ -118,6 +121,7 @@ def train(cfg: RunConfig, out_dir: str | Path, task: Task | None = None, *, save
                 update_selection_bias(engine.module)  # the optimizer stepped: aux-free balancing (no-op without)
                 state.step += 1
                 run.logger.advance(state.step)
+                probe.log(state.step)
             state.train_seconds = clock.seconds()
             last = state.step >= t.max_steps or batches.exhausted or batches.stopping or batches.out_of_time
             if logging or last:
