@@ -154,6 +154,8 @@ PLAN: dict[str, Check] = {
     "--output-dir runs/electra-small": Check("config", "needs 8 GPUs and Wikipedia from the Hub", ranks=8),
     "moetrain export runs/demo --out hf/demo --verify": Check("run", expect="max |moetrain - HF|"),
     "moetrain bench moe-layer --json bench.json": Check("run", extra=("--quick",)),
+    "moetrain bench estimator-quality configs/tiny.yaml": Check("run", extra=("--batches", "1", "--draws", "2"),
+                                                                 expect="reinmax"),
     "moetrain plot runs/demo": Check("run", expect="runs/demo/plots/expert_load_encoder.layers.1.ffn.png"),
     "moetrain bench train --config configs/tiny.yaml":
         Check("skip", "two DeepSpeed launches (1 and 2 ranks, ~1 minute); tests/test_launch.py runs the benchmark "
