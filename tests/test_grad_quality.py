@@ -103,7 +103,9 @@ def test_sparsemixer_mask_leaves_single_candidate_tokens_without_gradient():
     single = (~sparsemixer_mask(logits, 0.1)).sum(-1) == 1
     assert 0 < int(single.sum()) < 64
     est = build_top1_estimators(["sparsemixer"], E, DIM, jitter_eps=0.1)["sparsemixer"]
-    grad = estimator_gradient(est, logits, expert_scores(layer, x, g), FixedNoise({STREAM_SAMPLE: torch.full((64, E), 0.5, dtype=F64), STREAM_COIN: torch.full((64, 1), 0.9, dtype=F64)}))
+    noise = FixedNoise({STREAM_SAMPLE: torch.full((64, E), 0.5, dtype=F64),
+                        STREAM_COIN: torch.full((64, 1), 0.9, dtype=F64)})
+    grad = estimator_gradient(est, logits, expert_scores(layer, x, g), noise)
     assert grad[single].abs().max() == 0 and grad[~single].abs().max() > 0
 
 

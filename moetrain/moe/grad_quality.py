@@ -151,7 +151,8 @@ def estimator_gradient(estimator: nn.Module, logits: Tensor, scores: Tensor, noi
     return torch.autograd.grad(objective, theta)[0]
 
 
-def build_top1_estimators(names: Sequence[str], num_experts: int, d_model: int, **settings: Any) -> dict[str, nn.Module]:
+def build_top1_estimators(names: Sequence[str], num_experts: int, d_model: int,
+                          **settings: Any) -> dict[str, nn.Module]:
     """Fresh top-1 estimators in float64 (``settings``: jitter_eps, jitter_mode, temperature)."""
     built = {}
     for name in names:
