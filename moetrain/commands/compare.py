@@ -160,10 +160,13 @@ def plan_runs(config: str, estimators: str, seeds: int, overrides: list[str], ou
     names = [n.strip() for n in estimators.split(",") if n.strip()]
     if not names:
         raise CompareError("--estimators: give at least one estimator, e.g. --estimators switch,sparsemixer")
-    known = known_estimators()
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise CompareError(f"--estimators: unknown estimator '{unknown[0]}'; known: {', '.join(known)}")
+    # Built-in names need no registry import (torch and DeepSpeed, whose import prints a line on
+    # stdout, which --print-commands keeps for the launch lines).
+    if any(n not in _BUILTIN_ESTIMATORS for n in names):
+        known = known_estimators()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise CompareError(f"--estimators: unknown estimator '{unknown[0]}'; known: {', '.join(known)}")
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice:
         raise CompareError(f"--estimators: '{twice}' is listed twice")
