@@ -351,7 +351,8 @@ def _report(out: Path, runs: list[PlannedRun], args: argparse.Namespace) -> int:
 
     groups: dict[str, list[tuple[int, Path, float | None]]] = {}
     for run in runs:
-        groups.setdefault(run.estimator, []).append((run.seed, run.run_dir, _read_status(run.run_dir).get("peak_rss_mib")))
+        rss = _read_status(run.run_dir).get("peak_rss_mib")
+        groups.setdefault(run.estimator, []).append((run.seed, run.run_dir, rss))
     title = f"Recipe `{args.config}`" + (f", `--set {' '.join(args.overrides)}`" if args.overrides else "") + "."
     written = write_report(out, groups, title)
     print(f"moetrain compare: report {written[0]}")
