@@ -5,6 +5,7 @@
     moetrain export    CHECKPOINT ...  moetrain finetune  CONFIG ...
     moetrain config    CONFIG [--set key=value ...]      # print the resolved config
     moetrain plot      RUN_DIR [RUN_DIR ...] [--out DIR]  # PNG figures of metrics.jsonl
+    moetrain compare   CONFIG --estimators A,B [--seeds N] [--set ...] [--out DIR] [--print-commands]
     moetrain bench moe-layer [--experts 8 32 128] [--json FILE] ...
 
 This module only registers commands; what each one does is in :mod:`moetrain.commands`
@@ -33,6 +34,7 @@ from typing import Callable
 from moetrain import __version__
 from moetrain.commands.bench import add_bench_arguments, main_bench
 from moetrain.commands.common import add_run_arguments, work_command
+from moetrain.commands.compare import add_compare_arguments, main_compare
 from moetrain.commands.export import add_export_arguments, main_export
 from moetrain.commands.finetune import main_finetune
 from moetrain.commands.plot import add_plot_arguments, main_plot
@@ -111,6 +113,13 @@ register_command(
     "Draw loss, eval metrics, learning rate, tokens/s and one expert-load heatmap per MoE layer from "
     "each run's metrics.jsonl as PNG files. Several runs overlay their curves (one line per run).",
     add_plot_arguments, main_plot)
+register_command(
+    "compare", "train one recipe per estimator and seed, then a report",
+    "Train the same recipe once per (estimator, seed), one run directory each under --out, one after "
+    "another; then write report.md (final/best dev loss and task metric, steps to reach the first "
+    "estimator's final dev loss, tokens/s, peak RSS; mean ± std over seeds), PNG curves and their CSVs. "
+    "Rerunning skips finished runs and resumes interrupted ones. See docs/compare.md.",
+    add_compare_arguments, main_compare)
 register_command(
     "bench", "micro-benchmarks",
     "Micro-benchmarks of moetrain's building blocks on the current device.",

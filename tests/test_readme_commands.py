@@ -157,6 +157,9 @@ PLAN: dict[str, Check] = {
     "moetrain bench estimator-quality configs/tiny.yaml": Check("run", extra=("--batches", "1", "--draws", "2"),
                                                                  expect="reinmax"),
     "moetrain plot runs/demo": Check("run", expect="runs/demo/plots/expert_load_encoder.layers.1.ffn.png"),
+    "moetrain compare configs/tiny.yaml --estimators switch,sparsemixer --seeds 2":
+        Check("run", extra=("--seeds", "1", "--set", "train.max_steps=2", "train.eval_every=1", "train.log_every=1",
+                            "train.plot=false"), expect="moetrain compare: report runs/compare-tiny/report.md"),
     "moetrain bench train --config configs/tiny.yaml":
         Check("skip", "two DeepSpeed launches (1 and 2 ranks, ~1 minute); tests/test_launch.py runs the benchmark "
                       "(marked slow); its --help is checked with the synopsis"),
