@@ -79,9 +79,8 @@ def update_selection_bias(model: nn.Module) -> None:
     layers' counts together; every rank then applies the same float32 update to the same bias,
     so the biases stay identical across ranks without being broadcast.
     """
-    from .layer import moe_layers
-
-    layers = [m for m in moe_layers(model) if m.selection_bias is not None]
+    # By attribute, not by class: this module sits below moetrain.moe.layer, which imports it.
+    layers = [m for m in model.modules() if getattr(m, "selection_bias", None) is not None]
     if not layers:
         return
     counts = torch.stack([m.selection_counts for m in layers]).to(torch.float64)
