@@ -100,12 +100,17 @@ def _unsafe_global(err: BaseException) -> str | None:
     return match.group(1) if "Weights only load failed" in str(err) and match else None
 
 
+class UnsafePickle(ValueError):
+    """Raised by moetrain's own stand-ins for pickle globals when a file asks for more than they
+    allow (see ``moetrain.train.checkpoint._enum_member``)."""
+
+
 def file_error(path: str | os.PathLike, err: BaseException, hint: str = "") -> CheckpointError:
     """The one-line error for an unusable checkpoint file: unsafe pickle, or truncated/corrupt."""
     path = Path(path)
     step = checkpoint_step(path)
     where = f"{path} (checkpoint step {step})" if step is not None else str(path)
-    unsafe = _unsafe_global(err)
+    unsafe = str(err) if isinstance(err, UnsafePickle) else _unsafe_global(err)
     if unsafe is not None or "Weights only load failed" in str(err):
         what = (f"holds pickled Python objects ({unsafe or 'not tensors or plain containers'}) that would run code "
                 f"when loaded; moetrain loads checkpoint files with torch.load(weights_only=True) and refuses it "

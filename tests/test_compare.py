@@ -149,7 +149,6 @@ def test_print_commands_prints_one_launch_line_per_run_and_creates_nothing(tmp_p
 
 @pytest.mark.parametrize("argv,expected", [
     (["--estimators", "switch,nosuch"], "--estimators: unknown estimator 'nosuch'; known: switch, topk, sparsemixer"),
-    (["--estimators", "switch", "--seeds", "0"], "--seeds: must be at least 1, got 0"),
     (["--estimators", "switch", "--set", "train.lr=-1"], "train.lr: must be > 0"),
     (["--estimators", "switch", "--set", "moe.estimator=st"], "--set moe.estimator=st: compare sets moe.estimator"),
 ])
@@ -159,6 +158,16 @@ def test_bad_requests_are_one_line_errors_that_create_nothing(argv, expected, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("moetrain compare: ") and expected in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seeds_below_one_is_refused_by_the_parser(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["compare", str(TINY), "--estimators", "switch", "--seeds", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert "argument --seeds: expected an integer >= 1, got '0'" in err[0], err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -142,3 +142,36 @@ def test_nothing_in_the_package_unpickles_what_a_user_hands_in():
                     or "pickle.load" in code:
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders
+
+
+class ByName:
+    """Pickles as ``getattr(owner, name)``: how some Python builds (3.11.2) pickle an enum member."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_engine_loader_takes_enum_members_by_name_and_nothing_else_through_getattr(tmp_path):
+    """CI (Python 3.11.2): DeepSpeed's ZeRO optimizer files hold the stage enum as
+    getattr(ZeroStageEnum, 'optimizer_states'), which the weights-only loader refused, so an exact
+    ZeRO-1 resume failed. The stand-in for getattr accepts only that enum's members."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from moetrain.checkpoint_format import CheckpointError
+    from moetrain.train.checkpoint import safe_engine_loads
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace())
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"zero_stage": ByName(ZeroStageEnum, "optimizer_states")}, good)
+    torch.save({"x": ByName(LossScaler, "__init__")}, bad)
+    with safe_engine_loads(engine):
+        assert engine.checkpoint_engine.load(good) == {"zero_stage": ZeroStageEnum.optimizer_states}
+        with pytest.raises(CheckpointError, match="refuses it"):
+            engine.checkpoint_engine.load(bad)
+    assert not hasattr(engine.checkpoint_engine, "load")

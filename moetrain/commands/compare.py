@@ -64,6 +64,7 @@ from typing import Any
 import yaml
 
 from moetrain.config import _BUILTIN_ESTIMATORS, ConfigError, RunConfig, config_to_yaml, known_estimators, load_config
+from moetrain.utils.argtypes import at_least
 from moetrain.utils.errors import UserError
 
 __all__ = ["add_compare_arguments", "main_compare", "plan_runs", "PlannedRun", "run_finished", "STATUS"]
@@ -87,7 +88,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML recipe, e.g. configs/tiny.yaml")
     parser.add_argument("--estimators", metavar="A,B,...", required=True,
                         help="comma-separated moe.estimator names; the first is the baseline of the report")
-    parser.add_argument("--seeds", metavar="N", type=int, default=1,
+    parser.add_argument("--seeds", metavar="N", type=at_least(1), default=1,
                         help="runs per estimator, with train.seed = the recipe's seed, +1, ... (default 1)")
     parser.add_argument(
         "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],

@@ -60,7 +60,22 @@ def _deepspeed_safe_globals() -> list:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, (_enum_member, "builtins.getattr")]
+
+
+def _enum_member(cls, name: str):
+    """Stands in for ``getattr`` while unpickling, for enum members only.
+
+    Some Python builds pickle an enum member by name, as ``getattr(EnumClass, name)`` (3.11.2
+    does; 3.11.7 pickles it by value), so the ZeRO stage enum in DeepSpeed's optimizer files
+    arrives as a call to ``getattr``. Allowing the real ``getattr`` would let a crafted file reach
+    any attribute of an allowed class; this accepts nothing but a member of an allowed enum."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if cls is not ZeroStageEnum or not isinstance(name, str) or name not in ZeroStageEnum.__members__:
+        raise fmt.UnsafePickle(f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not an enum member "
+                                     "moetrain allows in a checkpoint")
+    return ZeroStageEnum[name]
 
 
 @contextlib.contextmanager
