@@ -205,6 +205,11 @@ class MoEConfig:
     """HF placement: layer i is sparse when i % sparse_step == 1, every layer when it is 1."""
 
     @property
+    def aux_free(self) -> bool:
+        """``balance`` includes the aux-loss-free selection bias."""
+        return "aux_free" in self.balance.split("+")
+
+    @property
     def balance_loss_weight(self) -> float:
         """The weight the tasks give the balance loss: ``balance_coef``, or 0 under aux_free alone."""
         return self.balance_coef if "aux_loss" in self.balance.split("+") else 0.0
@@ -841,7 +846,7 @@ def _check_moe(moe: MoEConfig, m: ModelConfig, require: Callable[[bool, str, str
     require(moe.balance_coef >= 0, "moe.balance_coef", f"must be >= 0, got {moe.balance_coef}")
     require(moe.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {moe.z_coef}")
     require(moe.bias_update_rate > 0, "moe.bias_update_rate", f"must be > 0, got {moe.bias_update_rate}")
-    if "aux_free" in moe.balance.split("+"):
+    if moe.aux_free:
         require(_takes_selection_bias(moe.estimator), "moe.balance",
                 f"aux_free adds a selection bias to the router's choice; estimator '{moe.estimator}' "
                 "does not take one (its choice is sampled or dense): use switch or topk, or "

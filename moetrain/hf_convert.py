@@ -284,7 +284,7 @@ def check_exportable(moe_cfg) -> str | None:
     if moe_cfg.top_k != 1:
         raise ConversionError(f"HF SwitchTransformers routes each token to one expert; this model uses "
                               f"moe.top_k={moe_cfg.top_k} (estimator {moe_cfg.estimator!r})")
-    if "aux_free" in moe_cfg.balance.split("+"):
+    if moe_cfg.aux_free:
         return AUX_FREE_NOTE
     if moe_cfg.estimator in EXACT_ESTIMATORS:
         return None

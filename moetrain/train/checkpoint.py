@@ -74,7 +74,7 @@ def _enum_member(cls, name: str):
 
     if cls is not ZeroStageEnum or not isinstance(name, str) or name not in ZeroStageEnum.__members__:
         raise fmt.UnsafePickle(f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not an enum member "
-                                     "moetrain allows in a checkpoint")
+                               "moetrain allows in a checkpoint")
     return ZeroStageEnum[name]
 
 

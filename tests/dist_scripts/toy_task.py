@@ -71,7 +71,7 @@ class ToyTask(Task):
             num_experts=moe.num_experts, estimator=moe.estimator, top_k=moe.top_k,
             capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
             jitter_eps=moe.jitter_eps, ep_size=ep_size, noise_seed=self.cfg.train.seed,
-            init_seed=self.cfg.train.seed, balance_scope=moe.balance_scope, aux_free="aux_free" in moe.balance,
+            init_seed=self.cfg.train.seed, balance_scope=moe.balance_scope, aux_free=moe.aux_free,
             bias_update_rate=moe.bias_update_rate), dropout=m.dropout_rate)
         if self.unmark_experts:
             for layer in model.layers:
