@@ -8,13 +8,6 @@ EADDRINUSE, depending on which tests ran before it; children start without them.
 
 from __future__ import annotations
 
-import os
+from moetrain.utils.net import LAUNCHER_VARS, child_env
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """``os.environ`` without the launcher variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(extra)
-    return env
+__all__ = ["LAUNCHER_VARS", "child_env"]

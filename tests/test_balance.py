@@ -9,7 +9,6 @@ must agree to 1e-6; per-rank statistics that claim to be global (the negative co
 from __future__ import annotations
 
 import datetime
-import time
 import traceback
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from moetrain.moe import MoELayer, balance_loss, set_routing_step, update_select
 from moetrain.moe.estimators import build_estimator
 from moetrain.moe.noise import RoutingNoise
 from moetrain.utils.net import free_port
+from spawn_workers import run_workers
 
 E, D, D_FF = 4, 6, 8
 TIMEOUT_S = 240
@@ -55,6 +55,14 @@ def test_global_scope_alone_equals_the_micro_batch_loss():
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-12)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-12)
     assert grads[0][1].abs().sum() > 0
+
+
+def test_micro_batch_loss_is_bit_identical_to_the_switch_formula():
+    """The default scope must not change a single bit of the loss it had before balance_scope."""
+    probs = torch.randn(37, E, generator=torch.Generator().manual_seed(3)).softmax(-1)
+    ids = probs.argmax(-1)
+    before = E * torch.sum(torch.bincount(ids, minlength=E).to(probs.dtype) / probs.shape[0] * probs.mean(dim=0))
+    assert torch.equal(balance_loss(probs, ids, E), before)
 
 
 def test_global_scope_accumulates_over_the_micro_batches_of_one_step():
@@ -256,14 +264,7 @@ def _worker(rank, world, port, queue):
 def two_rank_results():
     ctx_mp = mp.get_context("spawn")
     queue = ctx_mp.SimpleQueue()
-    ctx = mp.spawn(_worker, args=(2, free_port(), queue), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"balance workers still running after {TIMEOUT_S} s (hang in a collective?)")
+    run_workers(_worker, (2, free_port(), queue), "balance workers", timeout_s=TIMEOUT_S)
     results = queue.get()
     assert results is not None, "a worker failed (traceback above)"
     return results

@@ -9,19 +9,18 @@ which would let a broken beam search pass).
 from __future__ import annotations
 
 import datetime
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from moetrain.export import export_to_hf
 from moetrain.models import build_model
 from moetrain.moe import MoELayer
 from moetrain.utils.net import free_port
+from spawn_workers import run_workers
 
 from test_models import reverse_batch, tiny_cfgs, train_reverse
 
@@ -171,11 +170,5 @@ def test_expert_parallel_decoding_steps_in_lockstep(trained, tmp_path):
     weights = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     expected = {b: model.generate(src, mask, num_beams=b, max_length=MAX_LENGTH) for b in (1, 4)}
-    ctx = mp.spawn(_ep_worker, args=(free_port(), str(weights), src, mask, expected), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"expert-parallel decoding still running after {TIMEOUT_S} s (hang in a collective?)")
+    run_workers(_ep_worker, (free_port(), str(weights), src, mask, expected), "expert-parallel decoding",
+                timeout_s=TIMEOUT_S, poll_s=2)

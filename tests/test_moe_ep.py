@@ -10,15 +10,14 @@ test after a timeout instead of blocking the suite.
 from __future__ import annotations
 
 import datetime
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moetrain.utils.net import free_port
+from spawn_workers import run_workers
 
 pytestmark = pytest.mark.dist
 
@@ -149,11 +148,4 @@ def _worker(rank, world, port):
 
 
 def test_expert_parallel_matches_single_process():
-    ctx = mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"expert-parallel workers still running after {TIMEOUT_S} s (hang in a collective?)")
+    run_workers(_worker, (2, free_port()), "expert-parallel workers", timeout_s=TIMEOUT_S)

@@ -35,6 +35,7 @@ def main(args: argparse.Namespace) -> int:
     from moetrain.moe import moe_layers, set_routing_step
     from moetrain.moe.grad_quality import LayerCapture, build_top1_estimators, compare_estimators, estimator_settings
     from moetrain.tasks import build_task
+    from moetrain.train.trainer import _to_device  # the trainer's batch mover
 
     cfg, weights, origin = _load(args.source, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,16 +123,6 @@ def _pick_layer(names: dict, wanted: str | None):
             return name, layer
     raise SystemExit(f"moetrain bench estimator-quality: no MoE layer named {wanted!r}; "
                      f"MoE layers: {', '.join(names.values())}")
-
-
-def _to_device(batch, device):
-    import torch
-
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from moetrain.bench.train_options import add_arguments  # for ``python -m moetrain.bench.train``
-from moetrain.utils.net import free_port
+from moetrain.utils.net import child_env, free_port
 
 __all__ = ["main"]
 
@@ -74,11 +74,9 @@ def _run(config: str, overrides: list[str], out_dir: Path, ranks: int, threads: 
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                "--master_port", str(free_port()), *worker]
-    env = dict(os.environ)
+    env = child_env()  # a bench started under a launcher must not leak its rendezvous
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # a bench started under a launcher must not leak its rendezvous
     subprocess.run(cmd, env=env, check=True)
     return out_dir / "metrics.jsonl"
 

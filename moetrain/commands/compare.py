@@ -65,7 +65,9 @@ import yaml
 
 from moetrain.config import _BUILTIN_ESTIMATORS, ConfigError, RunConfig, config_to_yaml, known_estimators, load_config
 from moetrain.utils.argtypes import at_least
+from moetrain.utils.atomic import write_text_synced
 from moetrain.utils.errors import UserError
+from moetrain.utils.net import child_env
 
 __all__ = ["add_compare_arguments", "main_compare", "plan_runs", "PlannedRun", "run_finished", "STATUS"]
 
@@ -75,7 +77,6 @@ STATUS = "compare_status.json"
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.resume", "train.save_every", "train.keep_last",
                      "train.plot", "train.eval_every", "train.log_every", "export.after_train", "export.out_dir")
 #: Environment variables of a launcher; a child that inherited them would join the parent's group.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 EXIT_STOPPED = 143
 
 
@@ -252,22 +253,22 @@ def run_finished(run_dir: Path, cfg: RunConfig) -> str | None:
     state = _latest_state(run_dir)
     t = cfg.train
     if state is not None:
-        if state.get("step", 0) >= t.max_steps:
-            return f"step {state['step']} of {t.max_steps}"
-        if t.max_minutes is not None and state.get("train_seconds", 0.0) >= t.max_minutes * 60:
-            return f"time budget train.max_minutes={t.max_minutes:g} spent at step {state.get('step')}"
+        if state.step >= t.max_steps:
+            return f"step {state.step} of {t.max_steps}"
+        if t.max_minutes is not None and state.train_seconds >= t.max_minutes * 60:
+            return f"time budget train.max_minutes={t.max_minutes:g} spent at step {state.step}"
     status = _read_status(run_dir)
     if status.get("exit_code") == 0 and status.get("config") == want:
         return f"exited 0 at step {status.get('step')}"
     return None
 
 
-def _latest_state(run_dir: Path) -> dict[str, Any] | None:
-    from moetrain.checkpoint_format import resolve_resume
+def _latest_state(run_dir: Path) -> "TrainerState | None":
+    from moetrain.checkpoint_format import TrainerState, resolve_resume
 
     try:
         ckpt = resolve_resume("latest", run_dir / "checkpoints")
-        return None if ckpt is None else json.loads((ckpt / "trainer_state.json").read_text())
+        return None if ckpt is None else TrainerState.from_json(ckpt / "trainer_state.json")
     except (OSError, ValueError, UserError):
         return None
 
@@ -296,7 +297,7 @@ def _run_child(run: PlannedRun, config: str) -> int:
     """Train one run in a child process; record its exit code, step and peak RSS; return the code."""
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env = child_env()
     child = subprocess.Popen([sys.executable, "-m", "moetrain.cli", *run.argv(config)], env=env)
     start = time.monotonic()
     with _forward_sigterm(child):
@@ -311,16 +312,14 @@ def _run_child(run: PlannedRun, config: str) -> int:
         code = 128 - code  # killed by a signal: the shell's convention
     previous = _read_status(run.run_dir)
     rss = usage.ru_maxrss / 1024  # KiB on Linux
-    state = _latest_state(run.run_dir) or {}
-    record = {"exit_code": code, "step": state.get("step"), "max_steps": run.cfg.train.max_steps,
-              "train_seconds": state.get("train_seconds"), "wall_seconds": round(time.monotonic() - start, 1),
+    state = _latest_state(run.run_dir)
+    record = {"exit_code": code, "step": state and state.step, "max_steps": run.cfg.train.max_steps,
+              "train_seconds": state and state.train_seconds, "wall_seconds": round(time.monotonic() - start, 1),
               "peak_rss_mib": max(rss, previous.get("peak_rss_mib") or 0.0),
               "attempts": int(previous.get("attempts", 0)) + 1, "command": ["moetrain", *run.argv(config)],
               "config": _flat(yaml.safe_load(config_to_yaml(run.cfg)))}
     if run.run_dir.is_dir():
-        tmp = run.run_dir / f".{STATUS}.tmp"
-        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, run.run_dir / STATUS)
+        write_text_synced(run.run_dir / STATUS, json.dumps(record, indent=1) + "\n")
     return code
 
 
