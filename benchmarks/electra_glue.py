@@ -63,7 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--estimator", default="switch", help="router gradient estimator (default switch)")
     p.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds per setting (default 2)")
     p.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs (default 2)")
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
+    p.add_argument("--ft-optimizer", default="adafactor", choices=["adafactor", "adamw"],
+                   help="fine-tuning optimizer (default adafactor: plain adamw leaves the T5 embedding "
+                        "untrained, docs/electra.md 'Fine-tuning protocol')")
+    p.add_argument("--lr", type=float, default=None,
+                   help="fine-tuning learning rate (default 1e-2 relative step for adafactor, 3e-4 for adamw)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "first"], help="sentence pooling (default mean)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest on a shared CPU)")
     p.add_argument("--curve-every", type=int, default=0,
                    help="also fine-tune the checkpoint of every N pretraining steps (gain-vs-steps curve)")
@@ -129,7 +134,8 @@ def finetune_all(args, out: Path, shared: Path, starts: dict[str, Path | None]) 
             overrides = [f"glue.pretrained={start or final}", f"glue.random_init={start is None}",
                          f"glue.train_file={shared / train_file}", f"glue.dev_file={shared / dev_file}",
                          f"glue.num_seeds={1 if args.quick else args.seeds}", f"glue.epochs={args.epochs}",
-                         f"glue.lr={args.lr}", "glue.batch_size=32", "glue.max_length=128"]
+                         f"glue.optimizer={args.ft_optimizer}", f"glue.pooling={args.pooling}",
+                         f"glue.lr={args.lr or (1e-2 if args.ft_optimizer == 'adafactor' else 3e-4)}", "glue.batch_size=32", "glue.max_length=128"]
             if args.quick:
                 overrides += ["glue.max_train_examples=300", "glue.max_dev_examples=200"]
             elif args.max_train_examples:

@@ -546,8 +546,18 @@ class GlueConfig:
     num_seeds: int = 3
     """Fine-tuning runs with different seeds; the report gives mean, std, min and max."""
 
+    optimizer: str = choices("adamw", "adamw", "adafactor")
+    """``adamw`` or ``adafactor`` (torch.optim.Adafactor, relative step). From random init only
+    adafactor, or adamw with ``lr_scale: {embed: 10}``, lets the N(0, 1) T5 embedding learn at the
+    rate of the other weights; plain adamw leaves SST-2 at 0.67 where adafactor reaches 0.78
+    (docs/electra.md, "Fine-tuning protocol")."""
+
     lr: float = 1e-4
-    """Peak AdamW learning rate (linear warmup, then linear decay to 0)."""
+    """Peak learning rate (linear warmup, then linear decay to 0). For adafactor it is the relative
+    step (each update is at most ``lr`` x RMS(weight)), e.g. 1e-2."""
+
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Per-parameter learning-rate multipliers ``{pattern: factor}``, as ``train.lr_scale``."""
 
     epochs: float = 3.0
     """Passes over the training set (fractions allowed)."""
@@ -894,12 +904,16 @@ def _check_train(t: TrainConfig, require: Callable[[bool, str, str], None]) -> N
     require(t.length_penalty >= 0, "train.length_penalty", f"must be >= 0, got {t.length_penalty}")
     require(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes",
             f"must be > 0 or null, got {t.max_minutes}")
-    for pattern, factor in t.lr_scale.items():
+    _check_lr_scale(t.lr_scale, "train.lr_scale", require)
+
+
+def _check_lr_scale(lr_scale: dict[str, float], key: str, require: Callable[[bool, str, str], None]) -> None:
+    for pattern, factor in lr_scale.items():
         try:
             re.compile(pattern)
         except re.error as err:
-            require(False, f"train.lr_scale.{pattern}", f"is not a valid regular expression ({err})")
-        require(factor > 0, f"train.lr_scale.{pattern}", f"must be > 0, got {factor}")
+            require(False, f"{key}.{pattern}", f"is not a valid regular expression ({err})")
+        require(factor > 0, f"{key}.{pattern}", f"must be > 0, got {factor}")
 
 
 def _check_parallel(p: ParallelConfig, moe: MoEConfig, t: TrainConfig,
@@ -965,6 +979,7 @@ def _check_glue(g: GlueConfig, require: Callable[[bool, str, str], None]) -> Non
         require(getattr(g, key) >= 1, f"glue.{key}", f"must be >= 1, got {getattr(g, key)}")
     require(g.max_length >= 4, "glue.max_length", f"must be >= 4, got {g.max_length}")
     require(g.lr > 0, "glue.lr", f"must be > 0, got {g.lr}")
+    _check_lr_scale(g.lr_scale, "glue.lr_scale", require)
     require(g.epochs > 0, "glue.epochs", f"must be > 0, got {g.epochs}")
     require(0 <= g.warmup_fraction < 1, "glue.warmup_fraction", f"must be in [0, 1), got {g.warmup_fraction}")
     require(g.weight_decay >= 0, "glue.weight_decay", f"must be >= 0, got {g.weight_decay}")

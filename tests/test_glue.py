@@ -228,3 +228,33 @@ def test_a_vocabulary_that_does_not_match_the_checkpoint_is_refused(sentiment, c
     cfg = load_config(sentiment, [f"glue.pretrained={root / 'portable'}", f"data.tokenizer={tmp_path / 'other'}"])
     with pytest.raises(TextDataError, match=r"other: vocabulary does not match the checkpoint's tokenizer"):
         load_start_point(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("adafactor", torch.optim.Adafactor)])
+def test_finetune_optimizer_and_lr_scale_reach_the_parameter_groups(sentiment, name, kind):
+    """glue.optimizer picks the class; glue.lr_scale gives the embedding its own rate, which the
+    schedule scales like every other group's (so warmup and decay keep the ratio)."""
+    from moetrain.models.electra import SequenceClassifier
+    from moetrain.models.switch import SwitchEncoderModel
+    from moetrain.tasks.glue import _optimizer
+
+    cfg = load_config(sentiment, [f"glue.optimizer={name}", "glue.lr=1e-3", "glue.lr_scale={\"embed\": 10}"])
+    model = SequenceClassifier(SwitchEncoderModel(cfg.model, cfg.moe), 2)
+    opt, sched = _optimizer(model, cfg.glue, total=10, warmup=2)
+    assert type(opt) is kind
+    embed = model.backbone.embed.weight
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rate[id(embed)] == pytest.approx(10 * rate[id(model.head.out.weight)])
+    assert rate[id(model.head.out.weight)] == pytest.approx(1e-3 * 0.5)  # warmup step 0 of 2
+    sched.step()
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert rate[id(embed)] == pytest.approx(1e-2) and rate[id(model.head.out.weight)] == pytest.approx(1e-3)
+
+
+def test_finetune_config_errors_name_the_key(sentiment):
+    from moetrain.utils.dataclass_yaml import ConfigError
+
+    with pytest.raises(ConfigError, match="glue.optimizer"):
+        load_config(sentiment, ["glue.optimizer=sgd"])
+    with pytest.raises(ConfigError, match=r"glue.lr_scale.embed.*> 0"):
+        load_config(sentiment, ["glue.lr_scale={\"embed\": 0}"])

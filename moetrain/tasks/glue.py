@@ -6,7 +6,7 @@
 For each of ``glue.num_seeds`` seeds: load the encoder (an ELECTRA discriminator, or any
 checkpoint holding one ``<prefix>embed.weight`` + ``<prefix>encoder.*``), put a
 classification head on it (:class:`~moetrain.models.electra.SequenceClassifier`), train with
-AdamW (linear warmup and decay) for ``glue.epochs``, and score the dev set after every epoch
+``glue.optimizer`` (AdamW or Adafactor, linear warmup and decay) for ``glue.epochs``, and score the dev set after every epoch
 with the task's official metric. The report (``<run dir>/glue_results.json`` and a table on
 stdout) gives every seed's final dev scores and their mean, standard deviation, min and max,
 next to the majority-class baseline.
@@ -39,6 +39,7 @@ from moetrain.models.export_layout import split_encoder
 from moetrain.models.moe_stats import moe_aux_loss
 from moetrain.models.switch import SwitchEncoderModel
 from moetrain.moe import set_routing_step
+from moetrain.train.optim import param_groups
 
 __all__ = ["StartPoint", "load_start_point", "encode_examples", "finetune", "finetune_seed"]
 
@@ -145,11 +146,14 @@ def _predict(model, seqs: list[list[int]], batch_size: int, pad_id: int, device)
     return preds
 
 
-def _optimizer(model, lr: float, weight_decay: float, total: int, warmup: int):
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-6)
+def _optimizer(model, g, total: int, warmup: int):
+    """``glue.optimizer`` over the trainer's parameter groups (weight decay, ``lr_scale``), with
+    linear warmup then linear decay to 0."""
+    groups = param_groups(model, g.weight_decay, g.lr, g.lr_scale)
+    if g.optimizer == "adafactor":
+        opt = torch.optim.Adafactor(groups, lr=g.lr)
+    else:
+        opt = torch.optim.AdamW(groups, lr=g.lr, betas=(0.9, 0.999), eps=1e-6)
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -176,7 +180,7 @@ def finetune_seed(start: StartPoint, spec: GlueTaskSpec, train, dev, g, seed: in
     pad_id, moe = start.tokenizer.pad_token_id, start.moe_cfg
     per_epoch = math.ceil(len(seqs) / g.batch_size)
     total = max(1, round(g.epochs * per_epoch))
-    opt, sched = _optimizer(model, g.lr, g.weight_decay, total, int(g.warmup_fraction * total))
+    opt, sched = _optimizer(model, g, total, int(g.warmup_fraction * total))
     record: dict[str, Any] = {"seed": seed, "steps": total, "epochs": []}
     step, t0, losses = 0, time.perf_counter(), []
     for epoch in range(math.ceil(total / per_epoch)):
