@@ -154,6 +154,9 @@ PLAN: dict[str, Check] = {
     "--output-dir runs/electra-small": Check("config", "needs 8 GPUs and Wikipedia from the Hub", ranks=8),
     "moetrain export runs/demo --out hf/demo --verify": Check("run", expect="max |moetrain - HF|"),
     "moetrain bench moe-layer --json bench.json": Check("run", extra=("--quick",)),
+    "moetrain bench step --config configs/multi30k_switch.yaml --json step.json":
+        Check("run", extra=("--batch-size", "2", "--src-len", "4", "--tgt-len", "4", "--repeats", "1", "--warmup", "0",
+                            "--matmul-size", "64", "--threads", "1"), expect="moetrain / HF tokens/s"),
     "moetrain bench estimator-quality configs/tiny.yaml": Check("run", extra=("--batches", "1", "--draws", "2"),
                                                                  expect="reinmax"),
     "moetrain plot runs/demo": Check("run", expect="runs/demo/plots/expert_load_encoder.layers.1.ffn.png"),

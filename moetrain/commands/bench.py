@@ -2,6 +2,7 @@
 
     moetrain bench moe-layer [--experts 8 32 128] [--json FILE] ...
     moetrain bench train --config configs/tiny.yaml [--steps 20] ...
+    moetrain bench step --config configs/multi30k_switch.yaml [--repeats 10] [--profile DIR] ...
     moetrain bench estimator-quality CHECKPOINT_OR_CONFIG [--layer NAME] [--batches N] ...
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from moetrain.bench import estimator_quality_options, moe_layer_options, train_options
+from moetrain.bench import estimator_quality_options, moe_layer_options, step_options, train_options
 
 __all__ = ["add_bench_arguments", "main_bench"]
 
@@ -29,6 +30,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                     "and print tokens/s and the scaling ratio.")
     train_options.add_arguments(train)
     train.set_defaults(bench_run=_run_train)
+    step = targets.add_parser(
+        "step", help="one training step: moetrain's model vs stock HF SwitchTransformers, tokens/s and GFLOP/s",
+        description="Time forward + backward + AdamW of a recipe's translation model and of HF's "
+                    "SwitchTransformersForConditionalGeneration with the same weights, interleaved in one process "
+                    "(after checking that both compute the same loss); print median and min tokens/s, their ratio, "
+                    "and the achieved GFLOP/s next to one large fp32 matmul's.")
+    step_options.add_arguments(step)
+    step.set_defaults(bench_run=_run_step)
     quality = targets.add_parser(
         "estimator-quality", help="router-gradient cosine / relative error of each estimator vs the exact gradient",
         description="On real batches, compare each estimator's router-logit gradient for one MoE layer with the "
@@ -50,6 +59,12 @@ def _run_moe_layer(args: argparse.Namespace) -> int | None:
 
 def _run_train(args: argparse.Namespace) -> int | None:
     from moetrain.bench.train import main
+
+    return main(args)
+
+
+def _run_step(args: argparse.Namespace) -> int | None:
+    from moetrain.bench.step import main
 
     return main(args)
 
