@@ -346,6 +346,12 @@ class TrainConfig:
     """Training precision. bf16 under ZeRO-1/2 is DeepSpeed's (bf16 weights, fp32 master copy in the
     optimizer); at ZeRO-0 it is torch.autocast over fp32 weights. fp16 needs a GPU and ZeRO-1/2."""
 
+    compile: bool = False
+    """``torch.compile`` each block's dense work (attention, norms, dense FFNs, residuals; MoE
+    routing stays eager) before training (``moetrain.models.compile``). The first steps pay the
+    compilation; a failed compilation warns and runs eagerly. Losses match eager to float
+    rounding, dropout masks included."""
+
     log_every: int = 10
     """Steps between metric lines (JSONL, TensorBoard, progress bar)."""
 

@@ -246,6 +246,7 @@ def test_finetune_optimizer_and_lr_scale_reach_the_parameter_groups(sentiment, n
     rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert rate[id(embed)] == pytest.approx(10 * rate[id(model.head.out.weight)])
     assert rate[id(model.head.out.weight)] == pytest.approx(1e-3 * 0.5)  # warmup step 0 of 2
+    opt.step()  # no gradients: changes nothing, keeps the scheduler's call order
     sched.step()
     rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert rate[id(embed)] == pytest.approx(1e-2) and rate[id(model.head.out.weight)] == pytest.approx(1e-3)

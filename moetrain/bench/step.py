@@ -16,8 +16,10 @@ Two models of the recipe, side by side in one process, with the same weights:
               ``output_router_logits=True``: cross-entropy + its weighted z and balance losses)
 
 A *step* is ``zero_grad(set_to_none=True)``, forward, loss, backward and ``torch.optim.AdamW``
-(lr 1e-4, one parameter group) on a fixed random batch of ``--batch-size`` sentences of
-``--src-len`` source and ``--tgt-len`` target tokens, no padding. So that both compute the same
+(lr 1e-4, one parameter group, ``fused=True`` for both: moetrain's trainer uses it, and so does
+HF's Trainer by default) on a fixed random batch of ``--batch-size`` sentences of ``--src-len``
+source and ``--tgt-len`` target tokens, no padding. With ``--set train.compile=true`` moetrain's
+blocks are compiled as the trainer compiles them (:mod:`moetrain.models.compile`). So that both compute the same
 function, the recipe is loaded with :data:`FORCED` after the ``--set`` overrides: no dropout,
 dropless routing (``moe.capacity_factor: null``), no router jitter, no label smoothing, fp32.
 
@@ -137,12 +139,14 @@ def make_batch(cfg, batch_size: int, src_len: int, tgt_len: int, seed: int = 0) 
 def build_models(cfg, with_hf: bool = True) -> tuple[nn.Module, nn.Module | None]:
     """moetrain's model, initialised as the trainer does, and HF's with the same weights (fp32, training mode)."""
     from moetrain.models import build_model
+    from moetrain.models.compile import compile_blocks
 
     torch.manual_seed(cfg.train.seed)
     ours = build_model(cfg.model, cfg.moe, noise_seed=cfg.train.seed, init_seed=cfg.train.seed).float().train()
-    if not with_hf:
-        return ours, None
-    return ours, hf_model(cfg, ours.state_dict())
+    hf = hf_model(cfg, ours.state_dict()) if with_hf else None
+    if cfg.train.compile:  # as the trainer does with train.compile: true
+        compile_blocks(ours)
+    return ours, hf
 
 
 def hf_model(cfg, state_dict: dict[str, Tensor]) -> nn.Module:
@@ -181,7 +185,9 @@ class Contender:
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self):
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        # Fused AdamW for both: moetrain's build_optimizer uses it, and so does HF's Trainer by
+        # default (optim "adamw_torch_fused" with torch >= 2.8).
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
 
     def step(self) -> float:
         """One training step; returns its loss."""
@@ -407,8 +413,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"moetrain bench step: {args.config}, {_device_name(device)}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"forced after --set: {' '.join(FORCED)} (no dropout, dropless, no jitter, plain cross-entropy, fp32)")
-    print(f"step: zero_grad + forward + loss + backward + AdamW (lr {LR:g}); batch {args.batch_size} x "
-          f"({args.src_len} + {args.tgt_len}) = {tokens} tokens, no padding")
+    print(f"step: zero_grad + forward + loss + backward + fused AdamW (lr {LR:g}); batch {args.batch_size} x "
+          f"({args.src_len} + {args.tgt_len}) = {tokens} tokens, no padding; moetrain blocks "
+          + ("compiled (train.compile)" if cfg.train.compile else "eager"))
 
     ours_model, hf_net = build_models(cfg, with_hf)
     batch = make_batch(cfg, args.batch_size, args.src_len, args.tgt_len, seed=cfg.train.seed)

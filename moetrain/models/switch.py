@@ -142,16 +142,27 @@ class Block(nn.Module):
     def forward(self, x: Tensor, self_bias: Tensor, pad_mask: Tensor | None, token_ids: Tensor,
                 memory: Tensor | None = None, cross_bias: Tensor | None = None, cache=None):
         """Returns ``(x, stats)``; ``stats`` is None for a dense block. ``pad_mask``: True = padding."""
+        return self.run(x, self_bias, pad_mask, token_ids, memory, cross_bias, cache=cache)
+
+    # ``run`` (dense blocks) or ``pre_ffn`` (sparse blocks) may be replaced on the instance by a
+    # compiled version (:func:`moetrain.models.compile.compile_blocks`); the MoE layer stays eager.
+
+    def run(self, x: Tensor, self_bias: Tensor, pad_mask: Tensor | None, token_ids: Tensor,
+            memory: Tensor | None = None, cross_bias: Tensor | None = None, cache=None):
+        x, h = self.pre_ffn(x, self_bias, memory, cross_bias, cache=cache)
+        if not self.is_sparse:
+            return x + self.dropout(self.ffn(h)), None
+        h, stats = self.ffn(h, padding_mask=pad_mask, token_ids=token_ids)
+        return x + self.dropout(h), stats
+
+    def pre_ffn(self, x: Tensor, self_bias: Tensor, memory: Tensor | None = None, cross_bias: Tensor | None = None,
+                cache=None) -> tuple[Tensor, Tensor]:
+        """Self-attention (and cross-attention) with their residuals, then the FFN's norm:
+        ``(residual stream, FFN input)``."""
         x = x + self.dropout(self.attn(self.attn_norm(x), self_bias, cache=cache))
         if hasattr(self, "cross_attn"):
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_bias, memory, cache=cache))
-        h = self.ffn_norm(x)
-        stats = None
-        if self.is_sparse:
-            h, stats = self.ffn(h, padding_mask=pad_mask, token_ids=token_ids)
-        else:
-            h = self.ffn(h)
-        return x + self.dropout(h), stats
+        return x, self.ffn_norm(x)
 
 
 class Stack(nn.Module):

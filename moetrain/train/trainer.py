@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config import RunConfig
+from moetrain.models.compile import compile_blocks
 from moetrain.moe import moe_layers, set_routing_step, update_selection_bias
 from moetrain.tasks import Task, build_task
 
@@ -164,6 +165,8 @@ def setup(cfg: RunConfig, out_dir: Path, task: Task | None = None) -> Run:
     _seed(cfg.train.seed)  # same on every rank: identical dense initialisation
     task = task if task is not None else build_task(cfg, out_dir)
     model = task.build_model(ep_size=cfg.parallel.ep_size)
+    if cfg.train.compile:
+        compile_blocks(model)
     engine = build_engine(model, cfg.train, cfg.parallel, info)
     state = TrainerState(metric=task.best_metric, higher_is_better=task.higher_is_better)
     ckpt, exact = resolve_resume(cfg.train.resume, out_dir / "checkpoints"), False
