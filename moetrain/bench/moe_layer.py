@@ -17,9 +17,15 @@ memory. Ratios are ``ms / dense ms`` from the same run.
 
 One *step* is the forward pass and the backward of the layer's output against a fixed random upstream
 gradient, plus the auxiliary losses the layer itself returns (moetrain: balance and z loss; DeepSpeed:
-``l_aux``; HF's layer returns none). After each step the gradients are dropped
-(``zero_grad(set_to_none=True)``, PyTorch's default), so every step allocates its weight gradients as a
-training step does.
+``l_aux``; HF's layer returns none). Two gradient modes (``--grads``, default both):
+
+    steady   the gradients stay allocated and are zeroed in place after each step, so the next backward
+             accumulates into existing buffers, as a trainer's steady state does (DeepSpeed keeps
+             contiguous gradient buffers). This is what the layer itself costs.
+    fresh    the gradients are dropped (``zero_grad(set_to_none=True)``), so every step allocates its
+             weight gradients anew. At E=128 that is 1 GB per step, and the time then measures the
+             allocator and the kernel's page faults as much as the layer, which makes it swing with
+             whatever else the machine is doing.
 
 Timing: a warm-up step each, then ``repeats`` rounds; in each round every implementation runs once, in
 an order rotated by one per round, so that drifting machine load hits all of them alike. The median is
@@ -85,10 +91,15 @@ class Case:
     impl: str
     run: Callable[[], None]
     leaves: list[Tensor]
+    steady: bool = True
 
     def clear_grads(self) -> None:
+        """Zero the gradients in place (steady) or drop them (fresh)."""
         for leaf in self.leaves:
-            leaf.grad = None
+            if self.steady and leaf.grad is not None:
+                leaf.grad.zero_()
+            else:
+                leaf.grad = None
 
 
 class ReluFFN(nn.Module):
@@ -274,15 +285,20 @@ class Result:
     min_ms: float
     peak_mb: float
     ratio_to_dense: float = 0.0
+    grads: str = "steady"
 
     def record(self) -> dict:
         """The JSON record (the median is *the* time; the minimum is only printed)."""
-        return dict(impl=self.impl, num_experts=self.num_experts, ms=round(self.ms, 3),
-                    peak_mb=round(self.peak_mb, 3), ratio_to_dense=round(self.ratio_to_dense, 4))
+        return dict(impl=self.impl, num_experts=self.num_experts, grads=self.grads, ms=round(self.ms, 3),
+                    min_ms=round(self.min_ms, 3), peak_mb=round(self.peak_mb, 3),
+                    ratio_to_dense=round(self.ratio_to_dense, 4))
 
 
-def measure(cases: list[Case], num_experts: int, repeats: int, progress) -> list[Result]:
-    """Time and memory of cases measured side by side, in :data:`IMPLS` order."""
+def measure(cases: list[Case], num_experts: int, repeats: int, progress, grads: str = "steady") -> list[Result]:
+    """Time and memory of cases measured side by side, in :data:`IMPLS` order, in one gradient mode."""
+    for case in cases:
+        case.steady = grads == "steady"
+        case.clear_grads()
     for case in cases:  # warm-up: first-touch of weights, allocator and kernel caches
         time_step(case)
         progress.update()
@@ -298,7 +314,10 @@ def measure(cases: list[Case], num_experts: int, repeats: int, progress) -> list
         case.clear_grads()
         progress.update()
         results[case.impl] = Result(case.impl, num_experts, statistics.median(times[case.impl]),
-                                    min(times[case.impl]), peak / 2**20)
+                                    min(times[case.impl]), peak / 2**20, grads=grads)
+    for case in cases:  # the next mode (or E) starts from no gradients
+        for leaf in case.leaves:
+            leaf.grad = None
     for result in results.values():
         result.ratio_to_dense = result.ms / results["dense"].ms
     return [results[impl] for impl in IMPLS]
@@ -310,6 +329,7 @@ def memory_sweep(layer: MoELayer, token_counts: list[int], d_model: int, progres
     for tokens in token_counts:
         x = torch.randn(tokens, d_model).requires_grad_()
         case = _moetrain_case("moetrain-switch", layer, x, torch.randn(tokens, d_model))
+        case.steady = False  # the peak includes allocating the weight gradients
         case.run()  # warm-up at this size
         case.clear_grads()
         peaks[tokens] = peak_extra_bytes(case.run) / 2**20
@@ -345,8 +365,17 @@ def _load_note(when: str) -> str:
 
 def print_tables(results: list[Result], sweep: dict[int, dict[int, float]], out=None) -> None:
     out = out or sys.stdout
+    for grads in dict.fromkeys(r.grads for r in results):
+        _print_times([r for r in results if r.grads == grads], grads, out)
+    _print_sweep(sweep, out)
+
+
+def _print_times(results: list[Result], grads: str, out) -> None:
     bound = {r.num_experts: r for r in results if r.impl == "experts-alone"}
-    print(f"\n{'E':>5}  {'implementation':<22}{'ms':>9}{'x dense':>9}{'x experts-alone':>17}"
+    how = ("accumulated into existing buffers, zeroed in place" if grads == "steady"
+           else "dropped after each step, allocated anew by the next")
+    print(f"\ngradients {grads} ({how}); peak MB counts the memory a step adds to what exists before it", file=out)
+    print(f"{'E':>5}  {'implementation':<22}{'ms':>9}{'x dense':>9}{'x experts-alone':>17}"
           f"{'min ms':>9}{'min x alone':>13}{'peak MB':>10}", file=out)
     last_e = None
     for r in results:
@@ -358,6 +387,9 @@ def print_tables(results: list[Result], sweep: dict[int, dict[int, float]], out=
               f"{r.min_ms:>9.1f}{r.min_ms / alone.min_ms:>12.2f}x{r.peak_mb:>10.1f}", file=out)
     print("(ms: median step; ratios from medians of the same run; min: the fastest step, least disturbed "
           "by other processes)", file=out)
+
+
+def _print_sweep(sweep: dict[int, dict[int, float]], out) -> None:
     token_counts = sorted(next(iter(sweep.values()))) if sweep else []
     if token_counts:
         print("\nmoetrain-switch peak extra memory (MB; includes the experts' weight gradients) by tokens:", file=out)
@@ -382,18 +414,20 @@ def main(args: argparse.Namespace) -> int:
           f"median of {repeats} round(s)")
     print(_load_note("at start"))
 
-    per_e = len(IMPLS) * (1 + repeats + 1) + len(sweep_tokens)
+    modes = ["steady", "fresh"] if getattr(args, "grads", "both") == "both" else [args.grads]
+    per_e = len(modes) * len(IMPLS) * (1 + repeats + 1) + len(sweep_tokens)
     results: list[Result] = []
     sweep: dict[int, dict[int, float]] = {}
     with tqdm(total=per_e * len(experts), desc="moe-layer", unit="step", file=sys.stderr, mininterval=1.0) as progress:
         for num_experts in experts:
             progress.set_postfix_str(f"E={num_experts}")
             cases, switch = build_cases(num_experts, tokens, d_model, d_ff)
-            results += measure(cases, num_experts, repeats, progress)
+            for grads in modes:
+                results += measure(cases, num_experts, repeats, progress, grads)
             sweep[num_experts] = memory_sweep(switch, sweep_tokens, d_model, progress)
             del cases, switch  # free this E's layers before building the next (1 GB of weights at E=128)
 
-    print_tables(results, sweep)
+    print_tables(sorted(results, key=lambda r: modes.index(r.grads)), sweep)
     print("\n" + _load_note("at end"))
     if args.json:
         with open(args.json, "w") as f:

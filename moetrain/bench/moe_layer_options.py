@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed rounds per expert count; the median is reported (default: 5)")
     parser.add_argument("--threads", type=at_least(1), default=None, metavar="N",
                         help="torch intra-op threads (default: the CPUs this process may use)")
+    parser.add_argument("--grads", choices=["both", "steady", "fresh"], default="both",
+                        help="gradient buffers: steady (kept, zeroed in place: a trainer's steady state), fresh "
+                             "(dropped and allocated anew each step), or both, reported separately (default: both)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and one round, a smoke test (overrides the size options)")
     parser.add_argument("--json", metavar="FILE", default=None,
