@@ -270,3 +270,24 @@ def test_resumed_logger_shows_each_step_once_in_tensorboard(tmp_path, monkeypatc
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
+def test_cpu_ranks_on_one_machine_share_its_cores(monkeypatch):
+    """Two ranks on one machine get half the cores each; a set OMP_NUM_THREADS is left alone."""
+    import os
+
+    import torch
+
+    from moetrain.train.distributed import share_cpu_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert share_cpu_threads({"LOCAL_WORLD_SIZE": "2"}) == max(1, cores // 2)  # torchrun's variable
+        torch.set_num_threads(before)
+        assert share_cpu_threads({"LOCAL_SIZE": "2"}) == max(1, cores // 2)  # deepspeed's launcher
+        torch.set_num_threads(3)
+        assert share_cpu_threads({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}) == 3
+        assert share_cpu_threads({}) == 3  # one rank: torch's own default stands
+    finally:
+        torch.set_num_threads(before)

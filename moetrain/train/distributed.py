@@ -89,7 +89,25 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device(accelerator.device_name())
+        share_cpu_threads()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def share_cpu_threads(env=os.environ) -> int:
+    """Give each CPU rank on this machine its share of the cores; returns the threads set.
+
+    torch defaults every process to all cores, so N ranks on one machine run N x cores threads,
+    and each op's threads wait for one another to be scheduled (``deepspeed --num_gpus 2`` on a
+    2-core machine: 4 threads). torchrun sets ``OMP_NUM_THREADS=1`` for several ranks; a user's or
+    launcher's ``OMP_NUM_THREADS`` is kept as it is.
+    """
+    if env.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    ranks_here = max(1, int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1))  # torchrun / deepspeed
+    threads = max(1, len(os.sched_getaffinity(0)) // ranks_here)
+    if ranks_here > 1:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def barrier() -> None:
