@@ -291,3 +291,29 @@ def test_cpu_ranks_on_one_machine_share_its_cores(monkeypatch):
         assert share_cpu_threads({}) == 3  # one rank: torch's own default stands
     finally:
         torch.set_num_threads(before)
+
+
+def test_adamw_uses_the_fused_kernel_and_adafactor_the_core_one():
+    """build_optimizer: fused AdamW (one kernel for all tensors; HF Trainer's default too), and
+    the same update as the one-tensor-at-a-time loop."""
+    import torch
+
+    from moetrain.config import TrainConfig
+    from moetrain.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], TrainConfig(optimizer="adamw", lr=1e-2))
+    assert all(g["fused"] for g in fused.param_groups)
+    loop = torch.optim.AdamW(models[1].parameters(), lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0,
+                             foreach=False)
+    x = torch.randn(16, 8)
+    for model, opt in zip(models, (fused, loop)):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert type(build_optimizer(models[0], TrainConfig(optimizer="adafactor", lr=1e-2))) is torch.optim.Adafactor
