@@ -100,6 +100,24 @@ def test_changed_config_of_an_existing_run_is_refused(comparison):
     assert (comparison / "switch-seed1" / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_key_newer_than_the_saved_run_at_its_default_is_no_change(tmp_path):
+    """A run saved before a config key existed (e.g. train.compile) still counts as the same
+    config while the key holds its default; set to something else, it is a change."""
+    import yaml
+
+    from moetrain.commands.compare import CompareError, run_finished
+    from moetrain.config import config_to_yaml, load_config
+
+    cfg = load_config(TINY, ["train.max_steps=4"])
+    saved = yaml.safe_load(config_to_yaml(cfg))
+    del saved["train"]["compile"]  # as written by a version without the key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "compare_status.json").write_text(json.dumps({"exit_code": 1}))
+    assert run_finished(tmp_path, cfg) is None  # not refused; no checkpoint, so not finished either
+    with pytest.raises(CompareError, match="train.compile"):
+        run_finished(tmp_path, load_config(TINY, ["train.max_steps=4", "train.compile=true"]))
+
+
 def test_more_steps_resume_a_finished_run_from_its_checkpoint(comparison):
     """The last test on the shared comparison: it extends the switch run to 6 steps."""
     run = comparison / "switch-seed1"

@@ -242,6 +242,10 @@ def run_finished(run_dir: Path, cfg: RunConfig) -> str | None:
     if not saved.is_file():
         return None
     want, have = _flat(yaml.safe_load(config_to_yaml(cfg))), _flat(yaml.safe_load(saved.read_text(encoding="utf-8")))
+    # A key newer than the saved run is no change when it holds its default: the run was trained
+    # with the behaviour the default keeps (e.g. train.compile added after a comparison started).
+    defaults = _flat(yaml.safe_load(config_to_yaml(RunConfig())))
+    have = {**{k: defaults[k] for k in want.keys() - have.keys() if k in defaults}, **have}
     changed = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
     refused = [k for k in changed if k not in RESUMABLE_CHANGES]
     if refused:
