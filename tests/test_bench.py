@@ -70,6 +70,7 @@ def test_prints_threads_the_table_and_the_memory_sweep(quick_run):
     for impl in moe_layer.IMPLS:
         assert impl in stdout
     assert "peak extra memory" in stdout
+    assert "load average at start" in stdout and "CPU used by other processes" in stdout
     tokens = moe_layer.QUICK["tokens"]
     assert all(str(t) in stdout for t in (tokens // 4, tokens // 2, tokens))
 

@@ -68,6 +68,9 @@ def test_json_has_positive_numbers_for_both_models(tiny_run):
         assert model["gflops"] == pytest.approx(report["model_flops_per_step"] / model["median_s"] / 1e9)
     ours, hf = report["models"]["moetrain"], report["models"]["hf"]
     assert report["ratio_moetrain_over_hf"]["median"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
+    # the machine's state beside the timings (the share is None only where /proc/stat is missing)
+    assert report["load_average_at_start"] >= 0
+    assert report["cpu_others_share"] is None or 0 <= report["cpu_others_share"] <= 1
 
 
 def test_the_two_models_compute_the_same_loss(tiny_run):

@@ -19,7 +19,7 @@ import torch
 from launch_env import child_env
 
 from moetrain import cli
-from moetrain.train.compare_report import steps_to_reach, task_metric
+from moetrain.train.compare_report import steps_to_reach, summarize_run, task_metric
 from moetrain.train.plots import RunMetrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,11 @@ def test_compare_writes_runs_report_figures_and_csvs(comparison):
     assert [(row[0], row[1]) for row in dev] == [("switch", "2"), ("switch", "4"), ("sparsemixer", "2"),
                                                   ("sparsemixer", "4")]
     assert all(float(row[2]) > 0 for row in dev)  # training seconds at that step
+    runs = [line.split("|") for line in report.split("## Runs")[1].splitlines() if line.startswith("| `")]
+    assert len(runs) == 2
+    for row in runs:  # train seconds, then the share of the CPUs other processes used meanwhile
+        assert float(row[9]) > 0
+        assert row[10].strip().endswith("%") and 0 <= float(row[10].strip()[:-1]) <= 100
 
 
 def test_rerun_skips_finished_runs_even_without_compare_status(comparison):
@@ -254,3 +259,18 @@ def test_task_metric_is_bleu_else_an_accuracy():
     assert task_metric([run({"step": 1, "loss": 1.0, "rtd_baseline_accuracy": 0.5, "rtd_accuracy": 0.9})]) \
         == "rtd_accuracy"
     assert task_metric([run({"step": 1, "loss": 1.0, "mlm_loss": 2.0})]) is None
+
+
+def test_run_summary_sums_train_seconds_and_weights_the_cpu_share_by_them(tmp_path):
+    records = [
+        {"type": "train", "step": 1, "loss": 3.0, "tokens_per_second": 100.0, "seconds": 30.0, "cpu_others": 0.0},
+        {"type": "train", "step": 2, "loss": 2.0, "tokens_per_second": 50.0, "seconds": 10.0, "cpu_others": 0.4},
+        {"type": "train", "step": 3, "loss": 2.0, "tokens_per_second": 50.0, "seconds": 20.0},  # an older record
+        {"type": "eval", "step": 3, "loss": 2.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarize_run("switch", 1, tmp_path, None)
+    assert summary.train_seconds == pytest.approx(60.0)
+    assert summary.cpu_others == pytest.approx((30 * 0.0 + 10 * 0.4) / 40)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[2:]))
+    assert summarize_run("switch", 1, tmp_path, None).cpu_others is None  # runs logged before the key existed

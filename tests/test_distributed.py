@@ -308,6 +308,7 @@ def test_metrics_records(tmp, two_ranks):
     layer = train[0]["moe"][0]
     assert layer["layer"] == "layers.0" and len(layer["load"]) == 4 and abs(sum(layer["load"]) - 1) < 1e-9
     assert {"dropped_fraction", "router_entropy", "balance_loss", "z_loss"} <= layer.keys()
+    assert all("cpu_others" not in r for r in train)  # with 2 ranks the other rank would count as "others"
     assert [r["step"] for r in lines if r["type"] == "eval"] == [4, 8]
     assert list((tmp / "clean" / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from moetrain.bench.moe_layer_options import add_arguments  # noqa: F401  (re-exported)
 from moetrain.moe import MoELayer
+from moetrain.utils import cpu_share
 
 IMPLS = ("moetrain-switch", "moetrain-sparsemixer", "deepspeed", "hf", "dense", "experts-alone")
 CAPACITY_FACTOR = 1.25
@@ -352,15 +353,11 @@ def _settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def _load_note(when: str) -> str:
-    """The 1-minute load average: other processes on the CPUs make every timing noisy, and hit
-    many-small-op layers hardest (each op waits for all intra-op threads to be scheduled)."""
-    load = os.getloadavg()[0]
-    cpus = os.cpu_count() or 1
-    note = f"load average {when}: {load:.2f} on {cpus} CPUs"
-    if load > 0.5 * cpus:
-        note += " -- other processes are competing for the CPUs; timings are noisy"
-    return note
+def _load_note() -> str:
+    """The 1-minute load average before the benchmark starts: a busy minute before it often means a
+    job still running. (During the run the load average counts the benchmark's own threads; the
+    end-of-run line measures the other processes instead, :mod:`moetrain.utils.cpu_share`.)"""
+    return f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count() or 1} CPUs"
 
 
 def print_tables(results: list[Result], sweep: dict[int, dict[int, float]], out=None) -> None:
@@ -412,7 +409,8 @@ def main(args: argparse.Namespace) -> int:
           f"({torch.get_num_interop_threads()} inter-op); T={tokens} tokens, d_model={d_model}, d_ff={d_ff}, "
           f"top-1, capacity factor {CAPACITY_FACTOR}, float32, training; forward+backward, "
           f"median of {repeats} round(s)")
-    print(_load_note("at start"))
+    print(_load_note())
+    cpu_start = cpu_share.sample()
 
     modes = ["steady", "fresh"] if getattr(args, "grads", "both") == "both" else [args.grads]
     per_e = len(modes) * len(IMPLS) * (1 + repeats + 1) + len(sweep_tokens)
@@ -428,7 +426,8 @@ def main(args: argparse.Namespace) -> int:
             del cases, switch  # free this E's layers before building the next (1 GB of weights at E=128)
 
     print_tables(sorted(results, key=lambda r: modes.index(r.grads)), sweep)
-    print("\n" + _load_note("at end"))
+    cpu_end = cpu_share.sample()
+    print("\n" + cpu_share.describe(cpu_share.others_share(cpu_start, cpu_end), cpu_end and cpu_end.cpus))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.record() for r in results], f, indent=1)

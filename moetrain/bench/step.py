@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.bench.step_options import add_arguments  # for ``python -m moetrain.bench.step``
+from moetrain.utils import cpu_share
 from moetrain.utils.errors import UserError
 
 __all__ = ["main", "AgreementError", "FORCED", "LOSS_RTOL", "load_bench_config", "make_batch", "build_models",
@@ -404,6 +405,7 @@ def _print_report(report: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     import transformers
 
+    load_at_start = os.getloadavg()[0]
     cfg = load_bench_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads or device.type == "cpu":
@@ -446,7 +448,9 @@ def main(args: argparse.Namespace) -> int:
         done[0] += 1
         print(f"\r  step {done[0]}/{total}", end="", file=sys.stderr, flush=True)
 
+    cpu_start = cpu_share.sample()
     times = time_steps(contenders, args.warmup, args.repeats, device, progress)
+    cpu_end = cpu_share.sample()
     print(file=sys.stderr)
     matmul = max(matmul_before, matmul_gflops(args.matmul_size, device))
     report = {
@@ -456,7 +460,8 @@ def main(args: argparse.Namespace) -> int:
         "tgt_len": args.tgt_len, "tokens_per_step": tokens, "repeats": args.repeats, "warmup": args.warmup,
         "lr": LR, "model_flops_per_step": flops, "counted_flops_per_step": counted,
         "matmul": {"n": args.matmul_size, "gflops": matmul},
-        "loss_check": check,
+        "loss_check": check, "load_average_at_start": load_at_start,
+        "cpu_others_share": cpu_share.others_share(cpu_start, cpu_end),
         "models": {c.name: {**_summary(times[c.name], tokens, flops, matmul), "loss": c.loss_note} for c in contenders},
     }
     if with_hf:
@@ -464,6 +469,7 @@ def main(args: argparse.Namespace) -> int:
         report["ratio_moetrain_over_hf"] = {"median": ours["tokens_per_s"] / theirs["tokens_per_s"],
                                             "best": ours["tokens_per_s_best"] / theirs["tokens_per_s_best"]}
     _print_report(report)
+    print(cpu_share.describe(report["cpu_others_share"], cpu_end and cpu_end.cpus))
 
     if args.profile:
         path = _profile_path(args.profile)

@@ -8,7 +8,7 @@ Files written into the comparison directory (replaced on every call):
 
 * ``report.md``: per estimator, final and best dev loss, final and best task metric, steps to
   reach the baseline's final dev loss and its ratio to the baseline's, tokens/s, peak RSS; then
-  the same per run;
+  the same per run, with its training seconds and the CPU share other processes used meanwhile;
 * ``train_loss.png``, ``dev_loss.png``, ``<metric>.png`` (``bleu.png``, ...): two panels each,
   against the optimizer step and against training seconds; one line per estimator = the mean
   over seeds, the band from the lowest to the highest seed;
@@ -28,6 +28,8 @@ Definitions (docs/compare.md says the same):
 * *seconds*: training time, the sum of the train records' ``seconds`` (each logging window,
   evaluation and checkpoint writes excluded), so the axis compares compute, not eval cost.
 * *tokens/s*: the mean of the run's train records' ``tokens_per_second``.
+* *CPU used by others*: the train records' ``cpu_others`` (single-process runs on Linux), weighted
+  by each window's seconds: how much the machine was shared while the run's seconds were measured.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class RunSummary:
     steps_to_baseline: float | None = None
     tokens_per_second: float | None = None
     peak_rss_mib: float | None = None
+    train_seconds: float | None = None
+    cpu_others: float | None = None
     last_step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -118,11 +122,18 @@ def summarize_run(estimator: str, seed: int, run_dir: Path, metric: str | None,
     losses = [float(r["loss"]) for r in m.eval if _number(r.get("loss"))]
     scores = [float(r[metric]) for r in m.eval if metric and _number(r.get(metric))]
     tps = [float(r["tokens_per_second"]) for r in m.train if _number(r.get("tokens_per_second"))]
+    windows = [float(r["seconds"]) for r in m.train if _number(r.get("seconds"))]
+    # other processes' CPU share, weighted by each logging window's seconds (older runs lack it)
+    shared = [(float(r["seconds"]), float(r["cpu_others"])) for r in m.train
+              if _number(r.get("seconds")) and _number(r.get("cpu_others"))]
     steps = [r["step"] for r in m.train + m.eval]
     return RunSummary(estimator, seed, Path(run_dir), m,
                       final_loss=losses[-1] if losses else None, best_loss=min(losses) if losses else None,
                       final_metric=scores[-1] if scores else None, best_metric=max(scores) if scores else None,
                       tokens_per_second=statistics.fmean(tps) if tps else None, peak_rss_mib=peak_rss_mib,
+                      train_seconds=sum(windows) if windows else None,
+                      cpu_others=(sum(t * c for t, c in shared) / sum(t for t, _ in shared)
+                                  if shared and sum(t for t, _ in shared) > 0 else None),
                       last_step=max(steps) if steps else 0)
 
 
@@ -206,14 +217,19 @@ def _markdown(summaries: dict[str, list[RunSummary]], baseline: str, metric: str
                        _pm([s.tokens_per_second for s in group], 0), _pm([s.peak_rss_mib for s in group], 0)])
     lines += ["", "## Runs", ""]
     head = ["run", "last step", "final dev loss", "best dev loss", f"final {m}", f"best {m}",
-            "steps to baseline loss", "tokens/s", "peak RSS (MiB)"]
+            "steps to baseline loss", "tokens/s", "train seconds", "CPU used by others", "peak RSS (MiB)"]
     lines += [_row(head)[0], _row(["---"] * len(head))[0]]
     for group in summaries.values():
         for s in group:
             lines += _row([f"`{s.run_dir.name}`", str(s.last_step), _fmt(s.final_loss), _fmt(s.best_loss),
                            _fmt(s.final_metric), _fmt(s.best_metric),
                            "not reached" if s.steps_to_baseline is None else _fmt(s.steps_to_baseline, 1),
-                           _fmt(s.tokens_per_second, 0), _fmt(s.peak_rss_mib, 0)])
+                           _fmt(s.tokens_per_second, 0), _fmt(s.train_seconds, 1),
+                           "n/a" if s.cpu_others is None else f"{s.cpu_others:.1%}", _fmt(s.peak_rss_mib, 0)])
+    lines += ["", "*Train seconds*: the logging windows' seconds summed (evaluation and checkpoints excluded). "
+              "*CPU used by others*: the share of the machine's CPUs that other processes used while the run "
+              "trained (train records' `cpu_others`); above a few percent the run's seconds and tokens/s "
+              "measure the machine's load as much as the estimator."]
     lines += ["", "Figures (mean over seeds, band = lowest to highest seed; against the step and against training "
               "seconds, evaluation excluded) and the CSV behind each: "
               + ", ".join(f"`{n}.png`" for n in ["train_loss", "dev_loss"] + ([_safe(metric)] if metric else [])), ""]

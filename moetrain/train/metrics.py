@@ -7,7 +7,9 @@ Three sinks, all on rank 0:
   ``tokens_per_second``; also ``grad_norm``, ``samples_per_second``, ``mfu``, the task's own
   logs and, per MoE layer, ``moe: [{layer, load, max_load, mean_load, max_load_ratio,
   dead_experts, dropped_fraction, router_entropy, balance_loss, z_loss}]`` (router health, see
-  :func:`_layer_record`). With ``train.grad_quality_every`` also ``"type": "grad_quality"`` records
+  :func:`_layer_record`); a single-process run also logs ``cpu_others``, the share of the
+  machine's CPUs other processes used during the window (:mod:`moetrain.utils.cpu_share`: a
+  timing taken beside another job is not the code's speed). With ``train.grad_quality_every`` also ``"type": "grad_quality"`` records
   (``step``, ``layer``, ``estimators: {name: {cosine, rel_error, ...}}``). Appended to, so a resumed run continues the same file; on resume the
   records past the restored step (written after that checkpoint by the run that stopped, and about
   to be replayed) are dropped first, so every step appears once (:func:`drop_records_after`).
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetrain.utils import cpu_share
 from moetrain.utils.atomic import write_text_synced
 
 __all__ = ["WindowStats", "MetricsLogger", "flops_per_token", "peak_flops", "drop_records_after"]
@@ -61,6 +64,7 @@ class WindowStats:
         self.samples = 0
         self.moe: list[dict[str, Any]] = []
         self.start = time.perf_counter()
+        self.cpu = cpu_share.sample()  # what else the machine ran during the window (None off Linux)
 
     def add(self, out, num_samples: int) -> None:
         """Record one micro-batch's :class:`~moetrain.tasks.base.LossOutput`."""

@@ -39,6 +39,7 @@ from moetrain.config import RunConfig
 from moetrain.models.compile import compile_blocks
 from moetrain.moe import moe_layers, set_routing_step, update_selection_bias
 from moetrain.tasks import Task, build_task
+from moetrain.utils import cpu_share
 
 from moetrain.checkpoint_format import TrainerState, resolve_resume
 
@@ -267,6 +268,7 @@ def _log(run: Run, window: WindowStats, lr: float, grad_norm: float | None, flop
     """Reduce the window over ranks (collective) and write one train record on rank 0."""
     engine, info = run.engine, run.info
     seconds = max(time.perf_counter() - window.start, 1e-9)
+    cpu_others = cpu_share.others_share(window.cpu, cpu_share.sample()) if info.world_size == 1 else None
     if grad_norm is None:
         norm = engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
@@ -280,7 +282,7 @@ def _log(run: Run, window: WindowStats, lr: float, grad_norm: float | None, flop
         **merged["means"], "lr": lr, "tokens_per_second": tps, "samples_per_second": merged["samples"] / seconds,
         "grad_norm": grad_norm, "mfu": flops * tps / (peak * info.world_size) if peak else None,
         "tokens": merged["tokens"], "seconds": seconds, "data_position": run.state.data_position,
-        "moe": merged["moe"]})
+        **({} if cpu_others is None else {"cpu_others": cpu_others}), "moe": merged["moe"]})
 
 
 def _maybe_evaluate(run: Run, last: bool) -> bool:
