@@ -81,6 +81,20 @@ def test_the_two_models_compute_the_same_loss(tiny_run):
     assert "loss check: cross-entropy moetrain" in stdout
 
 
+def test_bf16_runs_both_models_under_autocast(tiny_run, tmp_path):
+    _, fp32, _ = tiny_run
+    code, stdout, stderr = run_bench("--config", TINY, *SMALL, "--precision", "bf16", "--json", str(tmp_path / "b.json"))
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["precision"] == "bf16" and "both models under bf16 autocast" in stdout
+    check = report["loss_check"]
+    assert check["rel_diff"] <= step.BF16_LOSS_RTOL
+    # autocast really applied: bf16 rounding moves both losses away from the fp32 ones
+    assert check["moetrain_ce"] != fp32["loss_check"]["moetrain_ce"] and check["hf_ce"] != fp32["loss_check"]["hf_ce"]
+    assert check["moetrain_ce"] == pytest.approx(fp32["loss_check"]["moetrain_ce"], rel=1e-2)
+    assert "of one bf16" in stdout
+
+
 def test_analytic_flops_are_what_hf_runs(tiny_run):
     """HF's attention is plain matmuls, so FlopCounterMode sees all of its work: it must count
     exactly the analytic formula. moetrain's fused CPU attention kernels are partly invisible to it."""

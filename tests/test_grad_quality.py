@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -172,8 +173,11 @@ def test_bench_command_on_tiny(tmp_path, capsys, tiny_config_path):
 def test_bench_command_rejects_unknown_layer(tiny_config_path, capsys):
     from moetrain.cli import main
 
-    with pytest.raises(SystemExit, match="no MoE layer named 'nope'.*encoder.layers.1.ffn"):
-        main(["bench", "estimator-quality", str(tiny_config_path), "--layer", "nope", "--batches", "1"])
+    code = main(["bench", "estimator-quality", str(tiny_config_path), "--layer", "nope", "--batches", "1"])
+    err = capsys.readouterr().err
+    assert code == 2  # a user error: one line, no traceback
+    assert re.search("moetrain bench estimator-quality: --layer: no MoE layer named 'nope'.*encoder.layers.1.ffn", err)
+    assert "Traceback" not in err
 
 
 def test_trainer_logs_grad_quality_records(tmp_path, tiny_config_path):
@@ -196,3 +200,25 @@ def test_grad_quality_every_is_validated(tiny_config_path):
 
     with pytest.raises(ConfigError, match="train.grad_quality_every"):
         load_config(tiny_config_path, ["train.grad_quality_every=-1"])
+
+
+def test_cosine_of_a_zero_estimate_is_zero_and_of_a_zero_exact_gradient_undefined():
+    from moetrain.moe.grad_quality import _cosine
+
+    exact = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    assert _cosine(torch.zeros_like(exact), exact) == 0.0
+    assert _cosine(2 * exact, exact) == pytest.approx(1.0)
+    assert _cosine(-exact, exact) == pytest.approx(-1.0)
+    assert math.isnan(_cosine(exact, torch.zeros_like(exact)))
+
+
+def test_summary_leaves_out_batches_without_an_exact_gradient():
+    from moetrain.bench.estimator_quality import format_table, summarise
+
+    row = {"cosine": 0.5, "rel_error": 1.0, "cosine_of_mean": 0.7, "rel_error_of_mean": 0.8}
+    empty = {k: math.nan for k in row}
+    summary = summarise([{"switch": row}, {"switch": empty}, {"switch": {**row, "cosine": 0.7}}])
+    assert summary["switch"]["cosine"]["mean"] == pytest.approx(0.6) and summary["switch"]["cosine"]["n"] == 2
+    only_empty = summarise([{"switch": empty}])
+    assert only_empty["switch"]["cosine"]["n"] == 0 and math.isnan(only_empty["switch"]["cosine"]["mean"])
+    assert "n/a (zero exact gradient)" in format_table(only_empty, draws=4)

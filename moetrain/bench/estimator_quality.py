@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from moetrain.bench.estimator_quality_options import add_arguments  # for ``python -m``
+from moetrain.utils.errors import UserError
 
 __all__ = ["main", "summarise"]
 
@@ -72,15 +73,22 @@ def main(args: argparse.Namespace) -> int:
 
 
 def summarise(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{estimator: {metric: {"mean", "std"}}}`` over batches (std with n - 1; 0 for one batch)."""
+    """``{estimator: {metric: {"mean", "std", "n"}}}`` over batches (std with n - 1; 0 for one batch).
+
+    Batches whose value is undefined (NaN: an exact gradient of zero) are left out and ``n`` says how
+    many remain; with none left, mean and std are NaN.
+    """
     out = {}
     for name in tables[0]:
         out[name] = {}
         for metric in METRICS:
-            values = [t[name][metric] for t in tables]
+            values = [t[name][metric] for t in tables if math.isfinite(t[name][metric])]
+            if not values:
+                out[name][metric] = {"mean": math.nan, "std": math.nan, "n": 0}
+                continue
             mean = sum(values) / len(values)
             var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-            out[name][metric] = {"mean": mean, "std": math.sqrt(var)}
+            out[name][metric] = {"mean": mean, "std": math.sqrt(var), "n": len(values)}
     return out
 
 
@@ -88,7 +96,8 @@ def format_table(summary: dict, draws: int) -> str:
     heads = ("cosine", "rel. error", f"cosine (mean of {draws})", f"rel. error (mean of {draws})")
     lines = [f"{'estimator':<16}" + "".join(f"{h:>24}" for h in heads)]
     for name, row in summary.items():
-        cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" for m in METRICS]
+        cells = [f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" if row[m]["n"] else "n/a (zero exact gradient)"
+                 for m in METRICS]
         lines.append(f"{name:<16}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 
@@ -103,7 +112,7 @@ def _load(source: str, overrides: list[str]):
     from moetrain.checkpoint_format import TOKENIZER, read_portable
 
     if overrides:
-        raise SystemExit("moetrain bench estimator-quality: --set applies to a recipe, not to a checkpoint")
+        raise UserError(f"{source}: --set applies to a recipe (a .yaml file), not to a checkpoint")
     ckpt = read_portable(path)
     cfg = ckpt.cfg
     if (ckpt.path / TOKENIZER).exists():  # the checkpoint's own tokenizer, not a retrained one
@@ -114,14 +123,14 @@ def _load(source: str, overrides: list[str]):
 
 def _pick_layer(names: dict, wanted: str | None):
     if not names:
-        raise SystemExit("moetrain bench estimator-quality: the model has no MoE layer")
+        raise UserError("the model has no MoE layer: nothing to compare (check moe.sparse_step and model.num_layers)")
     if wanted is None:
         layer, name = next(iter(names.items()))
         return name, layer
     for layer, name in names.items():
         if name == wanted:
             return name, layer
-    raise SystemExit(f"moetrain bench estimator-quality: no MoE layer named {wanted!r}; "
+    raise UserError(f"--layer: no MoE layer named {wanted!r}; "
                      f"MoE layers: {', '.join(names.values())}")
 
 

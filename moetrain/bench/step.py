@@ -1,7 +1,7 @@
 """``moetrain bench step``: one training step of moetrain's model against stock Hugging Face's.
 
     moetrain bench step --config configs/multi30k_switch.yaml [--batch-size 64] [--src-len 24] [--tgt-len 24]
-                        [--repeats 10] [--warmup 3] [--profile DIR_OR_FILE] [--json FILE]
+                        [--repeats 10] [--warmup 3] [--precision fp32|bf16] [--profile DIR_OR_FILE] [--json FILE]
     python -m moetrain.bench.step --config ...          # the same
 
 Two models of the recipe, side by side in one process, with the same weights:
@@ -23,8 +23,12 @@ blocks are compiled as the trainer compiles them (:mod:`moetrain.models.compile`
 function, the recipe is loaded with :data:`FORCED` after the ``--set`` overrides: no dropout,
 dropless routing (``moe.capacity_factor: null``), no router jitter, no label smoothing, fp32.
 
+``--precision bf16`` runs both models' forward and loss under ``torch.autocast`` to bfloat16 over
+fp32 weights (moetrain's trainer does this at ZeRO-0, HF's Trainer with ``bf16=True``); the
+optimizer stays fp32. The recipe's ``train.precision`` is not used: the flag decides, for both.
+
 Before timing, both models' cross-entropy on the batch must agree within :data:`LOSS_RTOL`
-(relative), else the benchmark stops: timing two different computations means nothing. The
+(relative; :data:`BF16_LOSS_RTOL` in bf16, where the two round differently), else the benchmark stops: timing two different computations means nothing. The
 auxiliary losses are not compared (their formulas differ: HF averages the router statistics over
 all layers' tokens at once, moetrain sums per-layer losses).
 
@@ -54,8 +58,8 @@ Embedding lookups, norms, softmax, the optimizer and the other elementwise work 
 ``torch.utils.flop_counter.FlopCounterMode`` also counts one step of each model as a cross-check
 (it sees only the matmuls torch reports, e.g. not the fused CPU attention kernel, so it may count
 less). Achieved GFLOP/s = model FLOPs / step time, printed next to the GFLOP/s of one large fp32
-matmul measured in the same run (``--matmul-size``, best of 5, before and after the timed rounds):
-the fraction of the machine's matmul limit a step reaches.
+matmul measured in the same run (``--matmul-size``, best of 5, before and after the timed rounds;
+bf16 with ``--precision bf16``): the fraction of the machine's matmul limit a step reaches.
 
 ``--profile`` runs one more step of each model under ``torch.profiler`` and prints the operators
 with the most self time (CPU time; device time on a GPU); the full tables go to a text file.
@@ -82,7 +86,7 @@ from moetrain.bench.step_options import add_arguments  # for ``python -m moetrai
 from moetrain.utils import cpu_share
 from moetrain.utils.errors import UserError
 
-__all__ = ["main", "AgreementError", "FORCED", "LOSS_RTOL", "load_bench_config", "make_batch", "build_models",
+__all__ = ["main", "AgreementError", "FORCED", "LOSS_RTOL", "BF16_LOSS_RTOL", "load_bench_config", "with_autocast", "make_batch", "build_models",
            "Contender", "moetrain_contender", "hf_contender", "check_agreement", "step_flops", "matmul_gflops"]
 
 #: Applied after the user's ``--set``: both models must compute the same deterministic function.
@@ -90,6 +94,9 @@ FORCED = ("model.dropout_rate=0", "moe.capacity_factor=null", "moe.jitter_eps=0"
           "train.precision=fp32")
 #: Largest relative difference of the two models' cross-entropy before timing.
 LOSS_RTOL = 1e-4
+#: The same under bf16 autocast: the two models round at different places (measured: ~3e-5).
+BF16_LOSS_RTOL = 1e-3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: AdamW's learning rate: small, so that routing (hence the work per expert) barely moves while timing.
 LR = 1e-4
 #: Operators printed per model with ``--profile`` (the file holds more).
@@ -234,6 +241,18 @@ def hf_contender(hf: nn.Module, batch: dict[str, Tensor]) -> Contender:
     return Contender("hf", hf, loss, "HF's loss: cross-entropy + router_z_loss_coef * z + router_aux_loss_coef * aux")
 
 
+def with_autocast(contender: Contender, device: torch.device, dtype: torch.dtype) -> Contender:
+    """The contender with its forward and loss under ``torch.autocast`` to ``dtype`` (weights stay fp32)."""
+    inner = contender.loss
+
+    def loss() -> tuple[Tensor, Tensor]:
+        with torch.autocast(device.type, dtype=dtype):
+            return inner()
+
+    contender.loss = loss
+    return contender
+
+
 def check_agreement(ours: Contender, hf: Contender, rtol: float = LOSS_RTOL) -> dict[str, float]:
     """Both models' cross-entropy on the batch; raises :class:`AgreementError` unless they agree."""
     a, b = ours.cross_entropy(), hf.cross_entropy()
@@ -285,11 +304,11 @@ def counted_flops(contender: Contender) -> int | None:
     return int(counter.get_total_flops())
 
 
-def matmul_gflops(n: int, device: torch.device, repeats: int = 5) -> float:
-    """GFLOP/s of the fastest of ``repeats`` fp32 ``[n, n] @ [n, n]`` products (after one warm-up)."""
+def matmul_gflops(n: int, device: torch.device, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of the fastest of ``repeats`` ``[n, n] @ [n, n]`` products in ``dtype`` (after one warm-up)."""
     gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
-    out = torch.empty(n, n, device=device)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=out)
     best = min(_timed(lambda: torch.mm(a, b, out=out), device) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
@@ -396,7 +415,7 @@ def _print_report(report: dict) -> None:
               f"{r['fraction_of_matmul_best']:>8.1%}")
     print(f"(median and min over {report['repeats']} interleaved steps each; GFLOP/s = "
           f"{report['model_flops_per_step'] / 1e9:.2f} GFLOP model FLOPs / median step; x matmul: share of the "
-          f"{report['matmul']['gflops']:.1f} GFLOP/s of one fp32 {report['matmul']['n']}^3 matmul)")
+          f"{report['matmul']['gflops']:.1f} GFLOP/s of one {report['precision']} {report['matmul']['n']}^3 matmul)")
     ratio = report.get("ratio_moetrain_over_hf")
     if ratio:
         print(f"moetrain / HF tokens/s: {ratio['median']:.2f}x (median), {ratio['best']:.2f}x (best step)")
@@ -414,7 +433,8 @@ def main(args: argparse.Namespace) -> int:
     tokens = args.batch_size * (args.src_len + args.tgt_len)
     print(f"moetrain bench step: {args.config}, {_device_name(device)}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"forced after --set: {' '.join(FORCED)} (no dropout, dropless, no jitter, plain cross-entropy, fp32)")
+    print(f"forced after --set: {' '.join(FORCED)} (no dropout, dropless, no jitter, plain cross-entropy, fp32 "
+          f"weights)" + ("; both models under bf16 autocast (--precision bf16)" if args.precision == "bf16" else ""))
     print(f"step: zero_grad + forward + loss + backward + fused AdamW (lr {LR:g}); batch {args.batch_size} x "
           f"({args.src_len} + {args.tgt_len}) = {tokens} tokens, no padding; moetrain blocks "
           + ("compiled (train.compile)" if cfg.train.compile else "eager"))
@@ -426,11 +446,15 @@ def main(args: argparse.Namespace) -> int:
     contenders = [moetrain_contender(cfg, ours_model.to(device), batch)]
     if with_hf:
         contenders.append(hf_contender(hf_net.to(device), batch))
+    dtype = DTYPES[args.precision]
+    if args.precision != "fp32":
+        contenders = [with_autocast(c, device, dtype) for c in contenders]
+    rtol = LOSS_RTOL if args.precision == "fp32" else BF16_LOSS_RTOL
     check = None
     if with_hf:
-        check = check_agreement(*contenders)
+        check = check_agreement(*contenders, rtol=rtol)
         print(f"loss check: cross-entropy moetrain {check['moetrain_ce']:.6f}, HF {check['hf_ce']:.6f} "
-              f"(relative difference {check['rel_diff']:.1e} <= {LOSS_RTOL:g})")
+              f"(relative difference {check['rel_diff']:.1e} <= {rtol:g})")
     for c in contenders:
         print(f"  {c.name} step loss: {c.loss_note}")
 
@@ -440,7 +464,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"model FLOPs per step: {flops / 1e9:.2f} GFLOP (analytic, 6 x matmul MACs; FlopCounterMode counts "
           f"{counted_text} GFLOP)")
 
-    matmul_before = matmul_gflops(args.matmul_size, device)
+    matmul_before = matmul_gflops(args.matmul_size, device, dtype=dtype)
     total = (args.warmup + args.repeats) * len(contenders)
     done = [0]
 
@@ -452,12 +476,12 @@ def main(args: argparse.Namespace) -> int:
     times = time_steps(contenders, args.warmup, args.repeats, device, progress)
     cpu_end = cpu_share.sample()
     print(file=sys.stderr)
-    matmul = max(matmul_before, matmul_gflops(args.matmul_size, device))
+    matmul = max(matmul_before, matmul_gflops(args.matmul_size, device, dtype=dtype))
     report = {
         "config": args.config, "overrides": list(args.overrides), "forced": list(FORCED),
         "device": _device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "batch_size": args.batch_size, "src_len": args.src_len,
-        "tgt_len": args.tgt_len, "tokens_per_step": tokens, "repeats": args.repeats, "warmup": args.warmup,
+        "tgt_len": args.tgt_len, "precision": args.precision, "tokens_per_step": tokens, "repeats": args.repeats, "warmup": args.warmup,
         "lr": LR, "model_flops_per_step": flops, "counted_flops_per_step": counted,
         "matmul": {"n": args.matmul_size, "gflops": matmul},
         "loss_check": check, "load_average_at_start": load_at_start,

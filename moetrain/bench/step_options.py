@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (default: the CPUs this process may use)")
     parser.add_argument("--matmul-size", type=at_least(1), default=2048, metavar="N",
                         help="the reference fp32 matmul is N x N @ N x N (default: 2048)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32, or bf16 autocast over fp32 weights for both models (as moetrain's trainer at "
+                             "ZeRO-0 and HF's Trainer with bf16=True run); the reference matmul uses the same "
+                             "dtype (default: fp32)")
     parser.add_argument("--no-hf", action="store_true",
                         help="time moetrain alone (no Hugging Face model, no agreement check, no ratio)")
     parser.add_argument("--profile", metavar="DIR_OR_FILE", default=None,

@@ -166,9 +166,16 @@ def build_top1_estimators(names: Sequence[str], num_experts: int, d_model: int,
     return built
 
 
-def _cosine(a: Tensor, b: Tensor) -> float:
-    denom = a.norm() * b.norm()
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+def _cosine(est: Tensor, exact: Tensor) -> float:
+    """Cosine of an estimate with the exact gradient: NaN when the exact gradient is zero (the batch
+    carries no signal to agree with), 0 for a zero estimate of a nonzero gradient (it points nowhere,
+    which is as unaligned as an estimate can be without pointing away)."""
+    exact_norm, est_norm = exact.norm(), est.norm()
+    if not exact_norm > 0:
+        return float("nan")
+    if not est_norm > 0:
+        return 0.0
+    return float((est * exact).sum() / (est_norm * exact_norm))
 
 
 def _rel_error(est: Tensor, exact: Tensor) -> float:
