@@ -221,13 +221,9 @@ def input_paths(cfg: RunConfig) -> list[tuple[str, str, str]]:
 
 def _expand(spec: str) -> list[str]:
     """A comma list / glob as paths; a pattern that matches nothing stays as the pattern."""
-    import glob
+    from moetrain.utils.file_lists import expand_file_list
 
-    out: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if part:
-            out += (sorted(glob.glob(part)) or [part]) if glob.has_magic(part) else [part]
-    return out
+    return [path for part, found in expand_file_list(spec) for path in (found or [part])]
 
 
 def _check_input(src: str, key: str, path: str, kind: str) -> None:

@@ -25,7 +25,6 @@ counts each in a :class:`CleaningReport`.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrain.utils.errors import UserError
+from moetrain.utils.file_lists import expand_file_list
 
 from . import synthetic
 
@@ -108,14 +108,10 @@ def expand_paths(spec: str) -> list[str]:
         DataError: a glob pattern that matches no file.
     """
     paths: list[str] = []
-    for part in (p.strip() for p in str(spec).split(",")):
-        if glob.has_magic(part):
-            found = sorted(glob.glob(part))
-            if not found:
-                raise DataError(f"{part}: no file matches this pattern")
-            paths += found
-        elif part:
-            paths.append(part)
+    for part, found in expand_file_list(spec):
+        if not found:  # only a glob can name nothing
+            raise DataError(f"{part}: no file matches this pattern")
+        paths += found
     return paths
 
 

@@ -30,7 +30,6 @@ rank holds it, and a resumed run replays exactly the same masks.
 from __future__ import annotations
 
 import codecs
-import glob
 import hashlib
 import os
 import random
@@ -47,6 +46,7 @@ from torch import Tensor
 
 from moetrain.utils.atomic import publish_modes
 from moetrain.utils.errors import UserError
+from moetrain.utils.file_lists import expand_file_list
 
 __all__ = [
     "TextDataError", "TextSource", "SPECIAL_TOKENS", "PAD", "SEP", "UNK", "CLS", "MASK", "expand_files",
@@ -103,10 +103,7 @@ def expand_files(spec: str) -> list[Path]:
         TextDataError: a pattern matches nothing, or names a directory.
     """
     files: list[Path] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        matches = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [os.path.expanduser(part)]
+    for part, matches in expand_file_list(spec):
         if not matches or not all(Path(m).exists() for m in matches):
             raise TextDataError(f"{part}: no such file; expected UTF-8 plain-text files (paths or glob patterns)")
         for m in matches:
