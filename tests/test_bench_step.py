@@ -126,6 +126,35 @@ def test_no_hf_times_moetrain_alone(tmp_path):
     assert "ratio_moetrain_over_hf" not in report and "moetrain / HF" not in stdout
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_timed_step_computes_each_models_loss_once(monkeypatch, precision):
+    """The cross-entropy the agreement check reads is not computed again inside the timed steps:
+    for HF it would be a second pass over the vocabulary charged to HF's time."""
+    cfg = step.load_bench_config(TINY, [])
+    ours, hf = step.build_models(cfg)
+    batch = step.make_batch(cfg, 4, 8, 8)
+    calls = []
+
+    def counting(real):
+        def wrapper(logits, *args, **kwargs):
+            if logits.shape[-1] == cfg.model.vocab_size:  # a pass over the vocabulary
+                calls.append(real.__name__)
+            return real(logits, *args, **kwargs)
+        return wrapper
+
+    # HF's loss goes through F.cross_entropy, moetrain's label-smoothed loss through F.log_softmax
+    for name in ("cross_entropy", "log_softmax"):
+        monkeypatch.setattr(torch.nn.functional, name, counting(getattr(torch.nn.functional, name)))
+    for contender in (step.moetrain_contender(cfg, ours, batch), step.hf_contender(hf, batch)):
+        if precision == "bf16":
+            contender = step.with_autocast(contender, torch.device("cpu"), torch.bfloat16)
+        calls.clear()
+        contender.step()
+        assert len(calls) == 1, (contender.name, calls)
+        calls.clear()
+        assert contender.cross_entropy() > 0 and len(calls) >= 1
+
+
 def test_the_agreement_check_fails_when_the_hf_weights_differ():
     cfg = step.load_bench_config(TINY, [])
     ours, hf = step.build_models(cfg)

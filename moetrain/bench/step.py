@@ -182,13 +182,15 @@ class Contender:
     Attributes:
         name: ``moetrain`` or ``hf``.
         model: the module (training mode).
-        loss: forward + loss on the benchmark batch -> ``(loss to back-propagate, cross-entropy)``.
+        loss: forward + loss on the benchmark batch -> ``(loss to back-propagate, cross-entropy)``;
+            with ``with_ce=False`` (the timed steps) the cross-entropy may be None, so that a
+            model that does not report it apart pays nothing extra for it.
         loss_note: what ``loss`` includes, for the report.
     """
 
     name: str
     model: nn.Module
-    loss: Callable[[], tuple[Tensor, Tensor]]
+    loss: Callable[..., tuple[Tensor, Tensor | None]]
     loss_note: str
     optimizer: torch.optim.Optimizer = field(init=False)
 
@@ -200,7 +202,7 @@ class Contender:
     def step(self) -> float:
         """One training step; returns its loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.loss()
+        loss, _ = self.loss(with_ce=False)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
@@ -208,7 +210,7 @@ class Contender:
     def cross_entropy(self) -> float:
         """The cross-entropy on the batch (a forward pass only)."""
         with torch.no_grad():
-            return float(self.loss()[1])
+            return float(self.loss(with_ce=True)[1])
 
 
 def moetrain_contender(cfg, model: nn.Module, batch: dict[str, Tensor]) -> Contender:
@@ -220,8 +222,8 @@ def moetrain_contender(cfg, model: nn.Module, batch: dict[str, Tensor]) -> Conte
     task = TranslationTask.__new__(TranslationTask)
     task.cfg = cfg
 
-    def loss() -> tuple[Tensor, Tensor]:
-        out = task.loss(model, batch)
+    def loss(with_ce: bool = True) -> tuple[Tensor, Tensor]:
+        out = task.loss(model, batch)  # computes the cross-entropy for its logs anyway
         return out.loss, torch.tensor(out.logs["ce_loss"])
 
     return Contender("moetrain", model, loss,
@@ -231,10 +233,12 @@ def moetrain_contender(cfg, model: nn.Module, batch: dict[str, Tensor]) -> Conte
 def hf_contender(hf: nn.Module, batch: dict[str, Tensor]) -> Contender:
     """HF's model with its own loss (``labels`` + ``output_router_logits``)."""
 
-    def loss() -> tuple[Tensor, Tensor]:
+    def loss(with_ce: bool = True) -> tuple[Tensor, Tensor | None]:
         out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=batch["decoder_attention_mask"],
                  labels=batch["labels"], output_router_logits=True, use_cache=False)
+        if not with_ce:  # HF's loss includes the router losses; its cross-entropy alone costs another
+            return out.loss, None  # pass over the vocabulary, which the timed steps must not pay
         ce = F.cross_entropy(out.logits.detach().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         return out.loss, ce
 
@@ -245,9 +249,9 @@ def with_autocast(contender: Contender, device: torch.device, dtype: torch.dtype
     """The contender with its forward and loss under ``torch.autocast`` to ``dtype`` (weights stay fp32)."""
     inner = contender.loss
 
-    def loss() -> tuple[Tensor, Tensor]:
+    def loss(with_ce: bool = True) -> tuple[Tensor, Tensor | None]:
         with torch.autocast(device.type, dtype=dtype):
-            return inner()
+            return inner(with_ce=with_ce)
 
     contender.loss = loss
     return contender
@@ -295,7 +299,7 @@ def counted_flops(contender: Contender) -> int | None:
     contender.optimizer.zero_grad(set_to_none=True)
     try:
         with FlopCounterMode(display=False) as counter:
-            contender.loss()[0].backward()
+            contender.loss(with_ce=False)[0].backward()
     except Exception as err:  # noqa: BLE001 - a cross-check only; the analytic count stands
         print(f"(FlopCounterMode failed on {contender.name}: {type(err).__name__}: {err})", file=sys.stderr)
         return None
