@@ -24,15 +24,16 @@ from moetrain.train.plots import RunMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
+DEMO = REPO / "configs" / "demo.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK = ["train.max_steps=4", "train.eval_every=2", "train.log_every=1", "train.save_every=2", "train.plot=false",
          "export.after_train=false"]
 
 
 def compare(out: Path, *args: str, estimators: str = "switch,sparsemixer", steps: int = 4,
-            timeout: int = 400) -> subprocess.CompletedProcess:
+            timeout: int = 400, config: Path = TINY) -> subprocess.CompletedProcess:
     quick = [q for q in QUICK if not q.startswith("train.max_steps")] + [f"train.max_steps={steps}"]
-    argv = [sys.executable, "-m", "moetrain.cli", "compare", str(TINY), "--estimators", estimators, "--seeds", "1",
+    argv = [sys.executable, "-m", "moetrain.cli", "compare", str(config), "--estimators", estimators, "--seeds", "1",
             "--out", str(out), "--set", *quick, *args]
     return subprocess.run(["timeout", "-s", "KILL", str(timeout), *argv], cwd=REPO, capture_output=True, text=True,
                           env=child_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
@@ -82,6 +83,18 @@ def test_compare_writes_runs_report_figures_and_csvs(comparison):
     for row in runs:  # train seconds, then the share of the CPUs other processes used meanwhile
         assert float(row[9]) > 0
         assert row[10].strip().endswith("%") and 0 <= float(row[10].strip()[:-1]) <= 100
+
+
+def test_compare_runs_the_shipped_demo_recipe_end_to_end(tmp_path):
+    """The demo recipe as shipped (its synthetic data and tokenizer), two estimators, a few steps."""
+    out = tmp_path / "cmp"
+    proc = compare(out, f"data.cache_dir={tmp_path / 'cache'}", config=DEMO, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = first_table((out / "report.md").read_text())
+    assert [row.split("|")[1].strip() for row in rows] == ["`switch`", "`sparsemixer`"]
+    for name in ("train_loss", "dev_loss", "bleu"):
+        assert (out / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+        assert len((out / f"{name}.csv").read_text().splitlines()) > 2  # header + rows of both estimators
 
 
 def test_rerun_skips_finished_runs_even_without_compare_status(comparison):
