@@ -28,8 +28,8 @@ fp32 weights (moetrain's trainer does this at ZeRO-0, HF's Trainer with ``bf16=T
 optimizer stays fp32. The recipe's ``train.precision`` is not used: the flag decides, for both.
 
 Before timing, both models' cross-entropy on the batch must agree within :data:`LOSS_RTOL`
-(relative; :data:`BF16_LOSS_RTOL` in bf16, where the two round differently), else the benchmark stops: timing two different computations means nothing. The
-auxiliary losses are not compared (their formulas differ: HF averages the router statistics over
+(relative; :data:`BF16_LOSS_RTOL` in bf16, where the two round differently), else the benchmark
+stops: timing two different computations means nothing. The auxiliary losses are not compared (their formulas differ: HF averages the router statistics over
 all layers' tokens at once, moetrain sums per-layer losses).
 
 Timing: ``--warmup`` untimed steps of each, then ``--repeats`` rounds of one step each, the order
@@ -86,8 +86,8 @@ from moetrain.bench.step_options import add_arguments  # for ``python -m moetrai
 from moetrain.utils import cpu_share
 from moetrain.utils.errors import UserError
 
-__all__ = ["main", "AgreementError", "FORCED", "LOSS_RTOL", "BF16_LOSS_RTOL", "load_bench_config", "with_autocast", "make_batch", "build_models",
-           "Contender", "moetrain_contender", "hf_contender", "check_agreement", "step_flops", "matmul_gflops"]
+__all__ = ["main", "AgreementError", "FORCED", "LOSS_RTOL", "BF16_LOSS_RTOL", "load_bench_config", "with_autocast",
+           "make_batch", "build_models", "Contender", "moetrain_contender", "hf_contender", "check_agreement", "step_flops", "matmul_gflops"]
 
 #: Applied after the user's ``--set``: both models must compute the same deterministic function.
 FORCED = ("model.dropout_rate=0", "moe.capacity_factor=null", "moe.jitter_eps=0", "train.label_smoothing=0",
@@ -96,7 +96,8 @@ FORCED = ("model.dropout_rate=0", "moe.capacity_factor=null", "moe.jitter_eps=0"
 LOSS_RTOL = 1e-4
 #: The same under bf16 autocast: the two models round at different places (measured: ~3e-5).
 BF16_LOSS_RTOL = 1e-3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: ``--precision`` -> (autocast dtype, None for none; agreement tolerance).
+PRECISIONS = {"fp32": (None, LOSS_RTOL), "bf16": (torch.bfloat16, BF16_LOSS_RTOL)}
 #: AdamW's learning rate: small, so that routing (hence the work per expert) barely moves while timing.
 LR = 1e-4
 #: Operators printed per model with ``--profile`` (the file holds more).
@@ -450,10 +451,10 @@ def main(args: argparse.Namespace) -> int:
     contenders = [moetrain_contender(cfg, ours_model.to(device), batch)]
     if with_hf:
         contenders.append(hf_contender(hf_net.to(device), batch))
-    dtype = DTYPES[args.precision]
-    if args.precision != "fp32":
-        contenders = [with_autocast(c, device, dtype) for c in contenders]
-    rtol = LOSS_RTOL if args.precision == "fp32" else BF16_LOSS_RTOL
+    autocast, rtol = PRECISIONS[args.precision]
+    if autocast is not None:
+        contenders = [with_autocast(c, device, autocast) for c in contenders]
+    dtype = autocast or torch.float32  # of the reference matmul
     check = None
     if with_hf:
         check = check_agreement(*contenders, rtol=rtol)
@@ -485,7 +486,8 @@ def main(args: argparse.Namespace) -> int:
         "config": args.config, "overrides": list(args.overrides), "forced": list(FORCED),
         "device": _device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "batch_size": args.batch_size, "src_len": args.src_len,
-        "tgt_len": args.tgt_len, "precision": args.precision, "tokens_per_step": tokens, "repeats": args.repeats, "warmup": args.warmup,
+        "tgt_len": args.tgt_len, "precision": args.precision, "tokens_per_step": tokens, "repeats": args.repeats,
+        "warmup": args.warmup,
         "lr": LR, "model_flops_per_step": flops, "counted_flops_per_step": counted,
         "matmul": {"n": args.matmul_size, "gflops": matmul},
         "loss_check": check, "load_average_at_start": load_at_start,

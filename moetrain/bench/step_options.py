@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=at_least(1), default=None, metavar="N",
                         help="torch intra-op threads (default: the CPUs this process may use)")
     parser.add_argument("--matmul-size", type=at_least(1), default=2048, metavar="N",
-                        help="the reference fp32 matmul is N x N @ N x N (default: 2048)")
+                        help="the reference matmul is N x N @ N x N, in the --precision dtype (default: 2048)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="fp32, or bf16 autocast over fp32 weights for both models (as moetrain's trainer at "
                              "ZeRO-0 and HF's Trainer with bf16=True run); the reference matmul uses the same "

@@ -123,18 +123,23 @@ def summarize_run(estimator: str, seed: int, run_dir: Path, metric: str | None,
     scores = [float(r[metric]) for r in m.eval if metric and _number(r.get(metric))]
     tps = [float(r["tokens_per_second"]) for r in m.train if _number(r.get("tokens_per_second"))]
     windows = [float(r["seconds"]) for r in m.train if _number(r.get("seconds"))]
-    # other processes' CPU share, weighted by each logging window's seconds (older runs lack it)
-    shared = [(float(r["seconds"]), float(r["cpu_others"])) for r in m.train
-              if _number(r.get("seconds")) and _number(r.get("cpu_others"))]
     steps = [r["step"] for r in m.train + m.eval]
     return RunSummary(estimator, seed, Path(run_dir), m,
                       final_loss=losses[-1] if losses else None, best_loss=min(losses) if losses else None,
                       final_metric=scores[-1] if scores else None, best_metric=max(scores) if scores else None,
                       tokens_per_second=statistics.fmean(tps) if tps else None, peak_rss_mib=peak_rss_mib,
                       train_seconds=sum(windows) if windows else None,
-                      cpu_others=(sum(t * c for t, c in shared) / sum(t for t, _ in shared)
-                                  if shared and sum(t for t, _ in shared) > 0 else None),
+                      cpu_others=_cpu_others(m.train),
                       last_step=max(steps) if steps else 0)
+
+
+def _cpu_others(train: list[dict[str, Any]]) -> float | None:
+    """Other processes' CPU share over the run, each logging window weighted by its seconds;
+    None for runs logged before ``cpu_others`` existed (or multi-rank runs, which do not log it)."""
+    shared = [(float(r["seconds"]), float(r["cpu_others"])) for r in train
+              if _number(r.get("seconds")) and _number(r.get("cpu_others"))]
+    total = sum(seconds for seconds, _ in shared)
+    return sum(seconds * share for seconds, share in shared) / total if total > 0 else None
 
 
 def write_report(out_dir: Path, runs: dict[str, list[tuple[int, Path, float | None]]],

@@ -9,8 +9,8 @@ Three sinks, all on rank 0:
   dead_experts, dropped_fraction, router_entropy, balance_loss, z_loss}]`` (router health, see
   :func:`_layer_record`); a single-process run also logs ``cpu_others``, the share of the
   machine's CPUs other processes used during the window (:mod:`moetrain.utils.cpu_share`: a
-  timing taken beside another job is not the code's speed). With ``train.grad_quality_every`` also ``"type": "grad_quality"`` records
-  (``step``, ``layer``, ``estimators: {name: {cosine, rel_error, ...}}``). Appended to, so a resumed run continues the same file; on resume the
+  timing taken beside another job is not the code's speed). With ``train.grad_quality_every``
+  also ``"type": "grad_quality"`` records (``step``, ``layer``, ``estimators: {name: {cosine, rel_error, ...}}``). Appended to, so a resumed run continues the same file; on resume the
   records past the restored step (written after that checkpoint by the run that stopped, and about
   to be replayed) are dropped first, so every step appears once (:func:`drop_records_after`).
 * ``<run dir>/tensorboard/``: the same numbers as scalars (``train/*``, ``eval/*``,
